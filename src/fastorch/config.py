@@ -84,9 +84,10 @@ _ENV_LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*)")
 _TOML_WHERE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _MSGSPEC_WHERE = re.compile(r" - at `\$(.*)`$")
 
-RLIMIT_NAMES = frozenset(
-    {"nofile", "nproc", "core", "memlock", "stack", "as", "fsize", "cpu", "data"}
-)
+_RlimitName = Literal[
+    "nofile", "nproc", "core", "memlock", "stack", "as", "fsize", "cpu", "data"
+]
+RLIMIT_NAMES = frozenset(get_args(_RlimitName))
 RLIM_INFINITY = resource.RLIM_INFINITY
 
 
@@ -119,7 +120,7 @@ def parse_duration(text: object) -> int:
         ValueError: not a duration string, or over 30 days.
     """
     if not isinstance(text, str) or not _DURATION.fullmatch(text):
-        raise ValueError(f"expected a duration like {'5s'!r}, got {_show(text)}")
+        raise ValueError(f'expected a duration like "5s", got {_show(text)}')
     ms = sum(int(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
     if ms > MAX_DURATION_MS:
         raise ValueError(f"duration {_show(text)} is longer than 30 days")
@@ -136,14 +137,14 @@ def parse_size(value: object) -> int:
         return value
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ValueError(f"expected a size like {'10MiB'!r}, got {_show(value)}")
+        raise ValueError(f'expected a size like "10MiB", got {_show(value)}')
     return int(match[1]) * _SIZE_UNITS[match[2].lower()]
 
 
 def _parse_octal(value: object) -> int:
     match = _OCTAL.fullmatch(value) if isinstance(value, str) else None
     if match is None or int(match[1], 8) > 0o777:
-        raise ValueError(f"expected an octal string like {'022'!r}, got {_show(value)}")
+        raise ValueError(f'expected an octal string like "022", got {_show(value)}')
     return int(match[1], 8)
 
 
@@ -158,7 +159,7 @@ def _parse_signal(value: object) -> int:
         if isinstance(sig, signal.Signals):
             return int(sig)
     raise ValueError(
-        f"expected a signal like {'SIGTERM'!r} or a number, got {_show(value)}"
+        f'expected a signal like "SIGTERM" or a number, got {_show(value)}'
     )
 
 
@@ -350,7 +351,7 @@ class _RawDefaults(_Table):
     user: str | UnsetType = UNSET
     group: str | UnsetType = UNSET
     umask: Octal | UnsetType = UNSET
-    rlimits: dict[str, _Limit | tuple[_Limit, _Limit]] | UnsetType = UNSET
+    rlimits: dict[_RlimitName, _Limit | tuple[_Limit, _Limit]] | UnsetType = UNSET
     oneshot: bool | UnsetType = UNSET
     autostart: bool | UnsetType = UNSET
     restart: Literal["always", "on-failure", "never"] | UnsetType = UNSET
@@ -427,6 +428,9 @@ _TYPE_WORDS = {
     "array": "an array",
     "object": "a table",
     "null": "nothing",
+    "list": "an array",
+    "tuple": "an array",
+    "dict": "a table",
 }
 
 
@@ -437,10 +441,8 @@ def _reason(message: str, tp: Any, value: object) -> tuple[str, str]:
     if match:
         sub = match[1]
         message = message[: match.start()]
-    choices = _literal_choices(tp)
-    if message.startswith("Invalid enum value") and choices:
-        shown = ", ".join(f'"{c}"' for c in choices)
-        return sub, f"expected one of {shown}, got {_show(value)}"
+    if message.startswith("Invalid enum value") and not sub:
+        return sub, f"expected {_describe(tp)}, got {_show(value)}"
     if message.startswith("Expected `"):
         # "Expected `str | array`, got `int`" or "Expected `int` >= 1"
         expected = message[len("Expected ") :].split(", got ")[0]
@@ -455,11 +457,19 @@ def _reason(message: str, tp: Any, value: object) -> tuple[str, str]:
     return sub, message[:1].lower() + message[1:].replace("`", "'")
 
 
-def _literal_choices(tp: Any) -> tuple[str, ...]:
+def _describe(tp: Any) -> str:
+    """``one of "a", "b"`` or ``an integer or "infinity"``: what *tp* takes."""
+    words, choices = [], []
     for arm in _arms(tp):
         if get_origin(arm) is Literal:
-            return get_args(arm)
-    return ()
+            choices.extend(f'"{c}"' for c in get_args(arm))
+        else:
+            origin = get_origin(arm) or arm
+            name = getattr(origin, "__name__", str(origin))
+            words.append(_TYPE_WORDS.get(name, name))
+    if not words and len(choices) > 1:
+        return "one of " + ", ".join(choices)
+    return " or ".join(words + choices)
 
 
 def _arms(tp: Any) -> tuple[Any, ...]:
@@ -485,8 +495,15 @@ def _collect(value: object, tp: Any, path: str, problems: Problems) -> None:
                 return
         for arm in arms:
             if get_origin(arm) is dict:
-                item_tp = get_args(arm)[1]
+                key_tp, item_tp = get_args(arm)
                 for key, item in value.items():
+                    if key_tp is not str:
+                        try:
+                            msgspec.convert(key, key_tp)
+                        except msgspec.ValidationError:
+                            reason = f"unknown key, expected {_describe(key_tp)}"
+                            problems.append((_join(path, key), reason))
+                            continue
                     _collect(item, item_tp, _join(path, key), problems)
                 return
     if isinstance(value, list):
@@ -704,10 +721,6 @@ def _check_table(
     if raw.rlimits is not UNSET:
         for name, value in raw.rlimits.items():
             where = _join(path + ".rlimits", name)
-            if name not in RLIMIT_NAMES:
-                known = ", ".join(sorted(RLIMIT_NAMES))
-                problems.append((where, f"unknown limit {name!r} (known: {known})"))
-                continue
             values = value if isinstance(value, tuple) else (value,)
             if any(isinstance(v, int) and v < 0 for v in values):
                 problems.append((where, "a limit cannot be negative"))
@@ -1027,12 +1040,13 @@ def _from_source(source: dict[str, Any], path: str, base_dir: Path) -> Config:
     # Each service alone, so that one bad table hides nothing of another.
     raws: dict[str, _RawService] = {}
     for name, table in top.services.items():
-        where = f"services.{name}"
         if not _SERVICE_NAME.fullmatch(name):
+            where = f"services.{json.dumps(name)}"
             problems.append(
                 (where, "a name is letters, digits, '_' and '-', at most 100")
             )
             continue
+        where = f"services.{name}"
         raw = _convert(table, _RawService, where, problems)
         if raw is not None:
             _check_table(raw, where, ctx, problems)
