@@ -101,23 +101,33 @@ def read_all(directory: str, name: str) -> list[bytes]:
 # carrying its stream, its sequence number and a checksum of its payload.
 BURST = """
 import os, sys, zlib
-total = int(sys.argv[1]) if len(sys.argv) > 1 else {total}
+total = {total}
 alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789" * 8
-out, err = sys.stdout.buffer, sys.stderr.buffer
+pending = {{1: b"", 2: b""}}
+batch = {{1: [], 2: []}}
+
+def flush(fd, everything=False):
+    # Write in slices that end mid-line, as a child's stdio buffer does.
+    data = pending[fd] + b"".join(batch[fd])
+    batch[fd].clear()
+    step = 65521
+    while len(data) >= step or (everything and data):
+        data = data[os.write(fd, data[:step]):]
+    pending[fd] = data
+
 written = seq = 0
-batch_out, batch_err = [], []
 while written < total:
     payload = alphabet[seq % 97 : seq % 97 + 20 + seq % 150]
+    fd = 2 if seq % 5 == 0 else 1
     line = b"%c %d %08x %s\\n" % (
-        79 if seq % 5 else 69, seq, zlib.crc32(payload), payload)
-    (batch_out if seq % 5 else batch_err).append(line)
+        69 if fd == 2 else 79, seq, zlib.crc32(payload), payload)
+    batch[fd].append(line)
     written += len(line)
     seq += 1
-    if len(batch_out) >= 2000:
-        out.write(b"".join(batch_out)); batch_out.clear()
-        err.write(b"".join(batch_err)); batch_err.clear()
-out.write(b"".join(batch_out)); err.write(b"".join(batch_err))
-out.flush(); err.flush()
+    if len(batch[fd]) >= 1000:
+        flush(fd)
+flush(1, True)
+flush(2, True)
 os.write(2, b"LAST %d\\n" % seq)
 """
 
