@@ -101,6 +101,13 @@ class Supervisor:
         handle_signals: bool = True,
     ) -> None:
         self._loop = loop or asyncio.get_running_loop()
+        self.drop_in_dir = Path(config.supervisor.drop_in_dir)
+        # Live changes made through the API survive a restart of fastorch.
+        try:
+            config = merge_drop_ins(config, self.drop_in_dir)
+        except ConfigError as exc:
+            for where, reason in exc.problems:
+                logger.error("drop-in ignored: %s: %s", where, reason)
         self.config = config
         self.stats = SupervisorStats()
         self.engine = Engine(now=self._now(), seed=int.from_bytes(os.urandom(4)))
@@ -125,7 +132,6 @@ class Supervisor:
         self._last_now = self._now()
 
         self.table = ProcessTable(self._loop)
-        self.drop_in_dir = Path(config.supervisor.drop_in_dir)
         self._runtime_dir = tempfile.mkdtemp(prefix="fastorch-")
         self.probes: Any = None
         self.notify: Any = None

@@ -1,0 +1,7 @@
+"""``python -m fastorch``: the same as the ``fastorch`` command."""
+
+import sys
+
+from fastorch.cli import main
+
+sys.exit(main())
