@@ -319,11 +319,13 @@ async def _wait_disconnect(receive: Receive) -> None:
 def _render_event(item: Any) -> bytes:
     kind = None
     if isinstance(item, dict):
-        kind = item.get("type") or item.get("kind")
+        kind = item.get("event")
     return _sse_frame(str(kind) if kind else "event", orjson.dumps(item, default=str))
 
 
 def _render_line(item: Any) -> bytes:
+    if isinstance(item, dict) and isinstance(item.get("line"), str):
+        item = item["line"]
     if isinstance(item, str):
         return _sse_frame("line", item.encode("utf-8", "replace"))
     if isinstance(item, bytes):
@@ -527,8 +529,9 @@ def create_app(supervisor: Any, *, streams: set[Any] | None = None) -> Starlette
     exporter = metrics.MetricsExporter(supervisor)
 
     async def metrics_route(request: Request) -> Response:
-        body, content_type = exporter.render(request.headers.get("accept"))
-        return Response(body, media_type=content_type)
+        return Response(
+            exporter.render(), headers={"content-type": exporter.content_type}
+        )
 
     v = "/" + API_VERSION
     routes = [
@@ -819,6 +822,7 @@ class ApiServer:
                     log.error("api: listener failed", exc_info=task.exception())
         for sock in self._sockets:
             sock.close()
+        await self.app.state.metrics.aclose()
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -850,6 +854,7 @@ async def serve(supervisor: Any, settings: ApiSettings | None = None) -> ApiServ
     streams: set[Any] = set()
     app = create_app(supervisor, streams=streams)
     server = ApiServer(app, streams)
+    app.state.metrics.start()
     try:
         if settings.socket_path is not None:
             sock = bind_unix(
