@@ -74,7 +74,7 @@ _T = TypeVar("_T", bound=Struct)
 _DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
 _DURATION = re.compile(r"(?:\d+(?:ms|s|m|h|d))+")
-_SIZE = re.compile(r"(\d+)\s*([kmgt]i?b|b)", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)([kmgt]i?b|b)", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _SIZE_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 _OCTAL = re.compile(r"0?o?([0-7]{1,4})")
