@@ -459,7 +459,8 @@ def _reason(message: str, tp: Any, value: object) -> tuple[str, str]:
 
 def _describe(tp: Any) -> str:
     """``one of "a", "b"`` or ``an integer or "infinity"``: what *tp* takes."""
-    words, choices = [], []
+    words: list[str] = []
+    choices: list[str] = []
     for arm in _arms(tp):
         if get_origin(arm) is Literal:
             choices.extend(f'"{c}"' for c in get_args(arm))
@@ -625,11 +626,25 @@ def _parse_host_port(text: str) -> tuple[str, int] | None:
 class _Context:
     """Per-load state: where relative paths start, files read once."""
 
-    base_dir: Path
-    env_files: dict[Path, dict[str, str] | str] = field(default_factory=dict)
+    base_dir: str
+    env_files: dict[str, dict[str, str] | str] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    dirs: dict[str, bool] = field(default_factory=dict)
 
-    def resolve(self, text: str) -> Path:
-        return (self.base_dir / os.path.expanduser(text)).resolve()
+    def resolve(self, text: str) -> str:
+        """*text* as an absolute path; symlinks are kept as written."""
+        path = self.paths.get(text)
+        if path is None:
+            joined = os.path.join(self.base_dir, os.path.expanduser(text))
+            path = self.paths[text] = os.path.normpath(joined)
+        return path
+
+    def is_dir(self, text: str) -> bool:
+        path = self.resolve(text)
+        found = self.dirs.get(path)
+        if found is None:
+            found = self.dirs[path] = os.path.isdir(path)
+        return found
 
     def read_env_file(self, text: str) -> dict[str, str] | str:
         """The file's variables, or the reason it cannot be used."""
@@ -640,12 +655,12 @@ class _Context:
         return cached
 
 
-def _read_env_file(path: Path) -> dict[str, str] | str:
+def _read_env_file(path: str) -> dict[str, str] | str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        return f"cannot read {str(path)!r}: {reason}"
+        return f"cannot read {path!r}: {reason}"
     env = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -653,7 +668,7 @@ def _read_env_file(path: Path) -> dict[str, str] | str:
             continue
         match = _ENV_LINE.fullmatch(line)
         if match is None:
-            return f"{str(path)!r} line {number}: expected NAME=value"
+            return f"{path!r} line {number}: expected NAME=value"
         value = match[2]
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
@@ -701,9 +716,9 @@ def _check_table(
     raw: _RawDefaults, path: str, ctx: _Context, problems: Problems
 ) -> None:
     """Checks msgspec cannot make, for a service table or ``[defaults]``."""
-    if raw.cwd is not UNSET and not ctx.resolve(raw.cwd).is_dir():
+    if raw.cwd is not UNSET and not ctx.is_dir(raw.cwd):
         where = ctx.resolve(raw.cwd)
-        problems.append((path + ".cwd", f"no such directory: {str(where)!r}"))
+        problems.append((path + ".cwd", f"no such directory: {where!r}"))
     if raw.env_file is not UNSET:
         env = ctx.read_env_file(raw.env_file)
         if isinstance(env, str):
@@ -719,13 +734,13 @@ def _check_table(
     if raw.group is not UNSET and not _group_exists(raw.group):
         problems.append((path + ".group", f"unknown group {raw.group!r}"))
     if raw.rlimits is not UNSET:
-        for name, value in raw.rlimits.items():
+        for name, limit in raw.rlimits.items():
             where = _join(path + ".rlimits", name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, int) and v < 0 for v in values):
+            pair = limit if isinstance(limit, tuple) else (limit,)
+            if any(isinstance(v, int) and v < 0 for v in pair):
                 problems.append((where, "a limit cannot be negative"))
                 continue
-            soft, hard = _limit_pair(value)
+            soft, hard = _limit_pair(limit)
             if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
                 problems.append((where, "soft limit above the hard limit"))
     for key in ("readiness", "liveness"):
@@ -767,6 +782,8 @@ def _probe(raw: _RawProbe | UnsetType, ctx: _Context) -> ProbeConfig | None:
     if raw is UNSET:
         return None
     status = (200, 399) if raw.status is UNSET else raw.status
+    kind: Literal["http", "tcp", "exec"]
+    target: str | list[str]
     if raw.http is not UNSET:
         kind, target = "http", raw.http
     elif raw.tcp is not UNSET:
@@ -814,17 +831,17 @@ def _build(
     env_file = pick("env_file")
     if env_file is not UNSET:
         env.update(ctx.read_env_file(env_file))  # type: ignore[arg-type]
-    for table in (defaults.env, raw.env):
-        if table is not UNSET:
-            env.update({k: str(v) for k, v in table.items()})
+    for variables in (defaults.env, raw.env):
+        if variables is not UNSET:
+            env.update({k: str(v) for k, v in variables.items()})
     rlimits = {}
-    for table in (defaults.rlimits, raw.rlimits):
-        if table is not UNSET:
-            rlimits.update({k: _limit_pair(v) for k, v in table.items()})
+    for limits in (defaults.rlimits, raw.rlimits):
+        if limits is not UNSET:
+            rlimits.update({k: _limit_pair(v) for k, v in limits.items()})
     log_dir = sub("logs", "dir", UNSET)
     logs = LogConfig(
         destination=sub("logs", "destination", "journal"),
-        dir=_default_log_dir() if log_dir is UNSET else str(ctx.resolve(log_dir)),
+        dir=_default_log_dir() if log_dir is UNSET else ctx.resolve(log_dir),
         max_size=int(sub("logs", "max_size", 10 * 2**20)),
         keep=sub("logs", "keep", 5),
         tail_lines=sub("logs", "tail_lines", 200),
@@ -833,7 +850,7 @@ def _build(
     common: dict[str, Any] = dict(
         group_name=name,
         command=_split_command(raw.command, "", []),
-        cwd=str(ctx.resolve(pick("cwd", "."))),
+        cwd=ctx.resolve(pick("cwd", ".")),
         user=pick("user", None),
         group=pick("group", None),
         umask=None if umask is None else int(umask),
@@ -970,7 +987,7 @@ def _supervisor(
     api_socket = (
         os.path.join(runtime_dir, "api.sock")
         if socket is UNSET
-        else str(ctx.resolve(socket))
+        else ctx.resolve(socket)
     )
     tcp = None
     if raw.api_tcp:
@@ -982,7 +999,7 @@ def _supervisor(
                     f'expected "host:port", got {_show(raw.api_tcp)}',
                 )
             )
-    token_file = str(ctx.resolve(raw.api_token_file)) if raw.api_token_file else None
+    token_file = ctx.resolve(raw.api_token_file) if raw.api_token_file else None
     if raw.api_tcp and token_file is None:
         problems.append(("supervisor.api_token_file", "required with api_tcp"))
     elif token_file is not None and not os.access(token_file, os.R_OK):
@@ -1000,7 +1017,7 @@ def _supervisor(
     return SupervisorConfig(
         runtime_dir=runtime_dir,
         api_socket=api_socket,
-        drop_in_dir=str(ctx.resolve(drop_in)),
+        drop_in_dir=ctx.resolve(drop_in),
         api_socket_mode=int(raw.api_socket_mode),
         api_socket_owner=raw.api_socket_owner or None,
         api_socket_group=raw.api_socket_group or None,
@@ -1026,7 +1043,7 @@ def _defaults(table: dict[str, Any], ctx: _Context, problems: Problems) -> _RawD
     return raw
 
 
-def _from_source(source: dict[str, Any], path: str, base_dir: Path) -> Config:
+def _from_source(source: dict[str, Any], path: str, base_dir: str) -> Config:
     """Validate a parsed TOML document; raise every problem at once."""
     problems: Problems = []
     ctx = _Context(base_dir)
@@ -1083,7 +1100,7 @@ def _from_source(source: dict[str, Any], path: str, base_dir: Path) -> Config:
     logger.debug("config %s: %d services", path, len(services))
     return Config(
         path=path,
-        base_dir=str(base_dir),
+        base_dir=base_dir,
         supervisor=supervisor,
         services=services,
         groups=groups,
@@ -1098,7 +1115,7 @@ def _group_of(name: str) -> str:
 def _groups(
     tables: dict[str, Any], raws: dict[str, _RawService]
 ) -> dict[str, tuple[str, ...]]:
-    groups = {}
+    groups: dict[str, tuple[str, ...]] = {}
     for name in tables:
         raw = raws.get(name)
         count = 1 if raw is None else raw.instances
@@ -1165,7 +1182,7 @@ def loads(text: str, path: str = "<string>", base_dir: str | None = None) -> Con
         ) from exc
     if base_dir is None:
         base_dir = os.getcwd() if path.startswith("<") else os.path.dirname(path) or "."
-    return _from_source(source, path, Path(base_dir).resolve())
+    return _from_source(source, path, os.path.abspath(base_dir))
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -1198,7 +1215,7 @@ def with_service(config: Config, name: str, table: dict[str, Any]) -> Config:
     """
     source = dict(config.source)
     source["services"] = {**source.get("services", {}), name: table}
-    return _from_source(source, config.path, Path(config.base_dir))
+    return _from_source(source, config.path, config.base_dir)
 
 
 def without_service(config: Config, name: str) -> Config:
@@ -1211,7 +1228,7 @@ def without_service(config: Config, name: str) -> Config:
     services = dict(source.get("services", {}))
     services.pop(name, None)
     source["services"] = services
-    return _from_source(source, config.path, Path(config.base_dir))
+    return _from_source(source, config.path, config.base_dir)
 
 
 def parse_service(
