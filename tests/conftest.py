@@ -88,6 +88,10 @@ class Fleet:
             await asyncio.wait_for(self.sup.shutdown(), 15)
         finally:
             await asyncio.wait_for(self.task, 15)
+        # The subscription is closed now: keep what it still holds.
+        async for ev in self.sub:
+            ev["t"] = time.monotonic()
+            self.events.append(ev)
 
     def state(self, name: str) -> str:
         return self.sup.service(name)["state"]
