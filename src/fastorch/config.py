@@ -571,8 +571,6 @@ def _first_key(problem_path: str, path: str) -> str:
 
 @lru_cache(maxsize=1024)
 def _user_exists(name: str) -> bool:
-    if name.isdigit():
-        return True
     try:
         pwd.getpwnam(name)
     except KeyError:
@@ -582,8 +580,6 @@ def _user_exists(name: str) -> bool:
 
 @lru_cache(maxsize=1024)
 def _group_exists(name: str) -> bool:
-    if name.isdigit():
-        return True
     try:
         grp.getgrnam(name)
     except KeyError:
