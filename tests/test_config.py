@@ -531,6 +531,40 @@ def test_one_bad_service_does_not_hide_the_dependency_check_of_others() -> None:
     ]
 
 
+def test_a_service_that_is_no_table_hides_nothing_else() -> None:
+    problems = problems_of(
+        """
+        [services]
+        web = 3
+        [services.db]
+        command = 1
+        [services.ok]
+        command = "x"
+        depends_on = ["web", "nope"]
+        """
+    )
+    assert [p for p, _ in problems] == [
+        "services.web",
+        "services.db.command",
+        "services.ok.depends_on.nope",
+    ]
+    assert problems[0][1] == "expected a table, got 3"
+
+
+def test_a_dependency_named_twice_gives_one_edge() -> None:
+    cfg = loads(
+        """
+        [services.w]
+        command = "x"
+        instances = 2
+        [services.a]
+        command = "x"
+        depends_on = ["w@1", "w", "w"]
+        """
+    )
+    assert cfg.services["a"].depends_on == (("w@1", "started"), ("w@2", "started"))
+
+
 # -- cycles -------------------------------------------------------------------
 
 

@@ -391,7 +391,7 @@ class _RawSupervisor(_Table):
 class _RawFile(_Table):
     supervisor: dict[str, Any] = {}
     defaults: dict[str, Any] = {}
-    services: dict[str, dict[str, Any]] = {}
+    services: dict[str, Any] = {}  # each table is converted on its own
 
 
 _SERVICE_ONLY = ("command", "depends_on", "instances")
@@ -536,9 +536,7 @@ def _collect_struct(
             problems.append((_join(path, key), "missing required key"))
 
 
-def _convert(
-    table: dict[str, Any], tp: type[_T], path: str, problems: Problems
-) -> _T | None:
+def _convert(table: Any, tp: type[_T], path: str, problems: Problems) -> _T | None:
     """Convert *table*; on failure add every problem and return what is valid.
 
     The result then holds the valid keys only (``None`` when even that
@@ -553,6 +551,8 @@ def _convert(
     if len(problems) == before:  # the second pass should always find it
         sub, reason = _reason(first, tp, table)
         problems.append((path + sub, reason))
+    if not isinstance(table, dict):
+        return None
     bad = {_first_key(p, path) for p, _ in problems[before:]}
     valid = {k: v for k, v in table.items() if k not in bad}
     try:
@@ -1067,7 +1067,7 @@ def _from_source(source: dict[str, Any], path: str, base_dir: str) -> Config:
             raws[name] = raw
 
     groups = _groups(top.services, raws)
-    edges = _check_dependencies(raws, groups, top.services, problems)
+    edges = _check_dependencies(raws, groups, problems)
     cycles = _find_cycles(
         {name: [_group_of(d) for d, _ in deps] for name, deps in edges.items()}
     )
@@ -1085,12 +1085,13 @@ def _from_source(source: dict[str, Any], path: str, base_dir: str) -> Config:
 
     services: dict[str, ServiceConfig] = {}
     for name, raw in raws.items():
-        expanded = tuple(
-            (member, condition)
-            for target, condition in edges[name]
-            for member in groups.get(target, (target,))
-        )
-        for svc in _build(name, raw, defaults, expanded, ctx):
+        # One edge per instance; the engine takes one edge per pair, so a
+        # name given twice ("worker" and "worker@1") keeps its first condition.
+        expanded: dict[str, str] = {}
+        for target, condition in edges[name]:
+            for member in groups.get(target, (target,)):
+                expanded.setdefault(member, condition)
+        for svc in _build(name, raw, defaults, tuple(expanded.items()), ctx):
             services[svc.name] = svc
     assert supervisor is not None
     logger.debug("config %s: %d services", path, len(services))
@@ -1125,7 +1126,6 @@ def _groups(
 def _check_dependencies(
     raws: dict[str, _RawService],
     groups: dict[str, tuple[str, ...]],
-    tables: dict[str, Any],
     problems: Problems,
 ) -> dict[str, list[tuple[str, str]]]:
     """Each service's known (target, condition) pairs; unknown ones reported."""
