@@ -470,7 +470,8 @@ def _describe(tp: Any) -> str:
             words.append(_TYPE_WORDS.get(name, name))
     if not words and len(choices) > 1:
         return "one of " + ", ".join(choices)
-    return " or ".join(words + choices)
+    items = words + choices
+    return " or ".join([", ".join(items[:-1]), items[-1]] if len(items) > 2 else items)
 
 
 def _arms(tp: Any) -> tuple[Any, ...]:
