@@ -671,3 +671,76 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- the command-line client -----------------------------------------------
+
+
+async def _cli(api: Api, *argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fastorch",
+        *argv,
+        "--socket",
+        api.socket,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_cli_client_commands(tmp_path: Path) -> None:
+    from fastorch import client
+
+    services = FLEET + TALKER.format(dir=tmp_path / "logs")
+
+    async def body(api: Api) -> None:
+        await _ready(api)
+        rc, out, _ = await _cli(api, "status", "worker@*")
+        assert rc == 0
+        lines = out.splitlines()
+        assert lines[0].split()[:2] == ["NAME", "STATE"]
+        assert [line.split()[:2] for line in lines[1:]] == [
+            ["worker@1", "ready"],
+            ["worker@2", "ready"],
+        ]
+
+        rc, out, _ = await _cli(api, "stop", "web", "worker@1")
+        assert (rc, out) == (0, "stop: web worker@1\n")
+        await api.wait_state("web", "stopped")
+        rc, out, _ = await _cli(api, "start")
+        assert rc == 0
+        await _ready(api)
+        rc, _, err = await _cli(api, "restart", "ghost")
+        assert rc == 1
+        assert "unknown service 'ghost'" in err
+
+        rc, out, _ = await _cli(api, "reload")
+        assert (rc, out) == (0, "reload: no change\n")
+        await api.wait_state("talker", "ready")
+        await wait_until(lambda: len(api.sup.tail("talker", 2)) == 2)
+        rc, out, _ = await _cli(api, "logs", "talker", "-n", "2")
+        assert rc == 0
+        assert [line.split()[0] for line in out.splitlines()] == ["line", "line"]
+
+        def live() -> tuple[Any, Any]:
+            with client.Client(socket_path=api.socket) as c:
+                return client.graph(c), client.status(c, state="ready")
+
+        got, ready = await asyncio.to_thread(live)
+        assert {"from": "web", "to": "db", "condition": "started"} in got["edges"]
+        assert len(ready) == 5
+
+        def over_tcp(token: str | None) -> Any:
+            with client.Client(url=api.base_tcp, token=token) as c:
+                return client.status(c)
+
+        assert len(await asyncio.to_thread(over_tcp, TOKEN)) == 5
+        with pytest.raises(client.ApiError) as failed:
+            await asyncio.to_thread(over_tcp, "wrong")
+        assert failed.value.status == 401
+
+    run(tmp_path, services, body)
