@@ -46,6 +46,7 @@ __all__ = [
     "LogConfig",
     "ProbeConfig",
     "ServiceConfig",
+    "condition_value",
     "Size",
     "SupervisorConfig",
     "diff",
