@@ -58,6 +58,7 @@ _DELETED_SUFFIX = ".deleted"
 class SupervisorStats:
     """Supervisor-wide counters that metrics read at scrape time."""
 
+    started_at: float = field(default_factory=time.time)  # wall clock
     reloads: int = 0
     failed_reloads: int = 0
     spawns: int = 0
@@ -652,7 +653,7 @@ class Supervisor:
         info = self.engine.info(sid)
         state = State(info.state)
         alive = svc.pid != 0
-        uptime = max(0, self.engine.now - info.spawned_at_ms) / 1000 if alive else 0.0
+        uptime = max(0, self._now() - info.spawned_at_ms) / 1000 if alive else 0.0
         return {
             "name": svc.name,
             "state": state.name.lower(),
