@@ -196,19 +196,27 @@ class Fastorch(Driver):
 
     def launch(self, n: int, tmp: Path) -> Launch:
         command = ", ".join(f'"{part}"' for part in SERVICE)
-        lines = []
+        # Service output goes nowhere, as with the peers' NONE/no stream.
+        lines = [
+            "[supervisor]",
+            f'api_socket = "{tmp}/api.sock"',
+            "",
+            "[defaults]",
+            'restart = "always"',
+            'backoff = { initial = "0s", jitter = 0.0 }',
+            "start_limit = { burst = 0 }",
+            'logs = { destination = "null" }',
+            "",
+        ]
         for i in range(n):
-            lines += [
-                f"[services.s{i}]",
-                f"command = [{command}]",
-                'backoff = { initial = "0s" }',
-                "start_limit = { burst = 0 }",
-                "",
-            ]
+            lines += [f"[services.s{i}]", f"command = [{command}]", ""]
         conf = tmp / "fleet.toml"
         conf.write_text("\n".join(lines))
         argv = [sys.executable, "-m", "fastorch", "run", str(conf)]
-        return Launch(argv, self._env(), tmp / "fastorch.out")
+        env = self._env()
+        env.pop("NOTIFY_SOCKET", None)
+        env["FASTORCH_RUNTIME_DIR"] = str(tmp)
+        return Launch(argv, env, tmp / "fastorch.out")
 
 
 def drivers(circus_check_delay_s: float = 0.1) -> dict[str, Driver]:
