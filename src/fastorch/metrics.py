@@ -77,7 +77,7 @@ class CumulativeHistogram:
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative ``(le, count)`` pairs, ``+Inf`` last."""
-        out = []
+        out: list[tuple[str, float]] = []
         running = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
             running += n
@@ -237,7 +237,7 @@ class ServiceMetrics:
             restarts.append(f"{{{label}}} {row['restarts']}\n")
             probe_failures.append(f"{{{label}}} {info.probe_failures_total}\n")
             since.append(f"{{{label}}} {float(row['since'] or 0.0)!r}\n")
-            counts = _exits_of(info) or exits_seen.get(name, _NO_EXITS)
+            counts: Sequence[int] = _exits_of(info) or exits_seen.get(name, _NO_EXITS)
             for kind, count in zip(EXIT_KINDS, counts, strict=True):
                 exits.append(f'{{{label},kind="{kind}"}} {count}\n')
 
