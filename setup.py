@@ -17,7 +17,8 @@ extensions = [
         ["src/fastorch/_core.pyx"],
         define_macros=macros,
         extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
-    )
+    ),
+    Extension("fastorch._spawn", ["src/fastorch/_spawn.pyx"]),
 ]
 
 setup(

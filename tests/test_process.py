@@ -212,3 +212,28 @@ def test_many_children_exit_once_each():
         assert zombies_of(os.getpid()) == []
 
     run(body)
+
+
+def test_fast_path_sets_cwd_and_default_signals(tmp_path):
+    # The child must not inherit the supervisor's ignored SIGPIPE, nor a
+    # blocked signal mask; its cwd is the one asked for.
+    out = tmp_path / "out"
+
+    async def body(table):
+        loop = asyncio.get_running_loop()
+        fut, cb = exit_future(loop)
+        with open(out, "wb") as f:
+            table.spawn(
+                ["sh", "-c", "pwd; grep -E '^Sig(Ign|Blk)' /proc/self/status"],
+                cwd=str(tmp_path),
+                stdout=f.fileno(),
+                on_exit=cb,
+            )
+        assert (await fut)[1] == 0
+
+    run(body)
+    lines = out.read_text().splitlines()
+    assert lines[0] == str(tmp_path)
+    fields = dict(line.split(":\t") for line in lines[1:])
+    assert int(fields["SigBlk"], 16) == 0
+    assert not int(fields["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1))

@@ -4,9 +4,10 @@ Every child fastorch starts (services and exec probes alike) goes through one
 :class:`ProcessTable`, which:
 
 - starts the child as the leader of a new session and process group
-  (``pgid == sid == pid``), with ``os.posix_spawn`` when nothing but argv,
-  env and the standard streams is asked for (vfork-speed), and with
-  ``subprocess.Popen`` otherwise (user, group, umask, cwd, rlimits);
+  (``pgid == sid == pid``), with glibc's ``posix_spawn`` (vfork-speed,
+  through ``fastorch._spawn``, which adds the chdir action) when argv,
+  env, cwd and the standard streams are all that is asked for, and with
+  ``subprocess.Popen`` otherwise (user, group, umask, rlimits);
 - learns of its exit through a pidfd on the event loop (no polling, and
   no ``waitpid(-1)`` that could steal another component's child);
 - makes fastorch a child subreaper, so descendants that outlive their
@@ -33,6 +34,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from fastorch import _spawn
 from fastorch.errors import SpawnError
 
 __all__ = ["DEVNULL", "ProcessTable", "ProcStat", "read_stat", "scan_proc"]
@@ -234,10 +236,8 @@ class ProcessTable:
         limits = _check_rlimits(rlimits)
 
         popen = None
-        if cwd is not None and os.path.realpath(cwd) == os.getcwd():
-            cwd = None  # posix_spawn has no chdir action in Python 3.11
-        if user is None and group is None and umask is None and not limits and not cwd:
-            pid = self._posix_spawn(path, argv, env, stdin, stdout, stderr)
+        if user is None and group is None and umask is None and not limits:
+            pid = self._posix_spawn(path, argv, env, cwd, stdin, stdout, stderr)
         else:
             popen = _popen(
                 path, argv, env, cwd, user, group, umask, limits, stdin, stdout, stderr
@@ -255,26 +255,25 @@ class ProcessTable:
         path: str,
         argv: list[str],
         env: dict[str, str] | None,
+        cwd: str | None,
         stdin: int | None,
         stdout: int | None,
         stderr: int | None,
     ) -> int:
-        actions: list[tuple[object, ...]] = []
-        for target, fd, mode in ((0, stdin, os.O_RDONLY), (1, stdout, os.O_WRONLY),
-                                 (2, stderr, os.O_WRONLY)):  # fmt: skip
-            if fd == DEVNULL:
-                actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, mode, 0))
-            elif fd is not None and fd != target:
-                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+        if env is None:
+            env = dict(os.environ)
         try:
             # glibc's posix_spawn uses clone(CLONE_VFORK) and reports a
-            # failed exec as its return value, so errors surface here.
-            return os.posix_spawn(
-                path,
-                argv,
-                os.environ if env is None else env,
-                file_actions=actions,
-                setsid=True,
+            # failed chdir or exec as its return value, so errors surface
+            # here; _spawn adds the chdir action Python 3.11 lacks.
+            return _spawn.spawn(
+                os.fsencode(path),
+                [os.fsencode(a) for a in argv],
+                [os.fsencode(f"{k}={v}") for k, v in env.items()],
+                None if cwd is None else os.fsencode(cwd),
+                _spawn_fd(stdin),
+                _spawn_fd(stdout),
+                _spawn_fd(stderr),
             )
         except OSError as exc:
             raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror}") from exc
@@ -497,6 +496,14 @@ def _check_rlimits(
             raise SpawnError(f"unknown resource limit {name!r}")
         limits.append((_RLIMIT_NAMES[key], (int(value[0]), int(value[1]))))
     return limits
+
+
+def _spawn_fd(fd: int | None) -> int:
+    if fd is None:
+        return _spawn.INHERIT
+    if fd == DEVNULL:
+        return _spawn.DEVNULL
+    return fd
 
 
 def _popen(
