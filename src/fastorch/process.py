@@ -460,6 +460,9 @@ def _killpg(pgid: int, signo: int) -> None:
         pass
 
 
+_which_cache: dict[tuple[str, str], str] = {}
+
+
 def _resolve_executable(name: str, env: dict[str, str] | None, cwd: str | None) -> str:
     if "/" in name:
         path = name if os.path.isabs(name) or cwd is None else os.path.join(cwd, name)
@@ -469,8 +472,15 @@ def _resolve_executable(name: str, env: dict[str, str] | None, cwd: str | None) 
             )
     else:
         search = (os.environ if env is None else env).get("PATH", os.defpath)
+        # A PATH search costs a stat per directory; a fleet of instances
+        # asks the same question a thousand times, and one access() call
+        # confirms the answer still holds.
+        found = _which_cache.get((name, search))
+        if found is not None and os.access(found, os.X_OK):
+            return found
         found = shutil.which(name, path=search)
         if found is not None:
+            _which_cache[(name, search)] = found
             return found
         path = shutil.which(name, mode=os.F_OK, path=search) or ""
         if not path:

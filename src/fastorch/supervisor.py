@@ -81,6 +81,7 @@ class _Service:
     status_text: str = ""
     notify_path: str | None = None
     log_fds: tuple[int | None, int | None] | None = None
+    env: dict[str, str] | None = None  # the child's, built once per cfg
 
 
 class Supervisor:
@@ -395,6 +396,11 @@ class Supervisor:
         self._queue.extend(self.engine.spawned(sid, pid))
 
     def _child_env(self, svc: _Service) -> dict[str, str]:
+        if svc.env is None:
+            svc.env = self._build_env(svc)
+        return svc.env
+
+    def _build_env(self, svc: _Service) -> dict[str, str]:
         cfg = svc.cfg
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
@@ -822,6 +828,7 @@ class Supervisor:
             cfg = new.services[name]
             eng.configure(sid, **configmod.engine_options(cfg))
             self._services[sid].cfg = cfg
+            self._services[sid].env = None
         for name in added + changed:
             self._add_edges(new.services[name])
 
