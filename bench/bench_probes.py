@@ -87,6 +87,11 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cpu_split() -> tuple[float, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -206,9 +211,10 @@ async def run_fleet(kind: str, ports: list[int], duration: float) -> dict[str, A
     await asyncio.sleep(2.0)  # every service has had its first probe
     fleet.delays.clear()
     results0, failures0 = fleet.results, fleet.failures
-    cpu0, t0 = cpu_seconds(), time.monotonic()
+    (user0, sys0), t0 = cpu_split(), time.monotonic()
     await asyncio.sleep(duration)
-    cpu, wall = cpu_seconds() - cpu0, time.monotonic() - t0
+    (user1, sys1), wall = cpu_split(), time.monotonic() - t0
+    cpu = user1 - user0 + sys1 - sys0
     probes = fleet.results - results0
     out = {
         "kind": kind,
@@ -217,6 +223,8 @@ async def run_fleet(kind: str, ports: list[int], duration: float) -> dict[str, A
         "probes_per_s": round(probes / wall, 1),
         "failed": fleet.failures - failures0,
         "cpu_pct_of_core": round(100 * cpu / wall, 2),
+        "cpu_user_pct": round(100 * (user1 - user0) / wall, 2),
+        "cpu_sys_pct": round(100 * (sys1 - sys0) / wall, 2),
         "cpu_us_per_probe": round(1e6 * cpu / max(probes, 1), 1),
         "delay_p50_ms": round(1000 * pct(fleet.delays, 0.5), 2),
         "delay_p99_ms": round(1000 * pct(fleet.delays, 0.99), 2),
@@ -359,15 +367,17 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--part", choices=["fleet", "clients", "all"], default="all")
     parser.add_argument("--kinds", default="tcp,http")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args()
+    run = uvloop.run if args.loop == "uvloop" else asyncio.run
 
     proc, ports = start_server(args.services)
     try:
         if args.part in ("fleet", "all"):
             for kind in args.kinds.split(","):
-                print(json.dumps(uvloop.run(run_fleet(kind, ports, args.duration))))
+                print(json.dumps(run(run_fleet(kind, ports, args.duration))))
         if args.part in ("clients", "all"):
-            rows = uvloop.run(run_clients(ports, min(args.duration, 10.0)))
+            rows = run(run_clients(ports, min(args.duration, 10.0)))
             for row in rows:
                 print(json.dumps(row))
     finally:
