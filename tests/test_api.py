@@ -528,7 +528,7 @@ def test_slow_event_client_is_dropped_and_slows_nothing(tmp_path: Path) -> None:
 
             # The flapper makes transitions as fast as it can; the slow
             # client's bounded queue fills and it is dropped.
-            await wait_until(lambda: subscription.dropped, timeout=10)
+            await wait_until(lambda: subscription.dropped, timeout=15)
             before = api.sup.stats.transitions
             worst = 0.0
             for _ in range(20):
@@ -536,8 +536,10 @@ def test_slow_event_client_is_dropped_and_slows_nothing(tmp_path: Path) -> None:
                 r = await api.unix.get("/v1/services/steady")
                 worst = max(worst, time.monotonic() - started)
                 assert r.status_code == 200
-            assert worst < 1.0, worst
-            assert api.sup.stats.transitions > before  # the fleet goes on
+            # Generous for a shared 2-core machine; a stalled loop would take 10 s.
+            assert worst < 2.0, worst
+            # The fleet goes on.
+            await wait_until(lambda: api.sup.stats.transitions > before + 4)
         finally:
             slow.close()
         await wait_until(lambda: not api.server.streams, timeout=15)

@@ -237,7 +237,12 @@ class ServiceMetrics:
             restarts.append(f"{{{label}}} {row['restarts']}\n")
             probe_failures.append(f"{{{label}}} {info.probe_failures_total}\n")
             since.append(f"{{{label}}} {float(row['since'] or 0.0)!r}\n")
-            counts: Sequence[int] = _exits_of(info) or exits_seen.get(name, _NO_EXITS)
+            counts: Sequence[int] = _NO_EXITS
+            kept = _exits_of(info)
+            if kept is not None:
+                counts = kept
+            elif name in exits_seen:
+                counts = exits_seen[name]
             for kind, count in zip(EXIT_KINDS, counts, strict=True):
                 exits.append(f'{{{label},kind="{kind}"}} {count}\n')
 
