@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import glob
-import importlib
 import logging
 import os
 import socket
@@ -330,49 +329,38 @@ def test_journal_stream_goes_straight_from_child_to_socket(
         server.close()
 
 
-def _journald_harness() -> Any:
+@pytest.fixture(scope="module")
+def journald() -> Iterator[Any]:
     try:
-        return importlib.import_module("tests.harness.journald")
+        from harness.journald import Journald, skip_reason
     except ImportError:
-        pass
-    try:
-        return importlib.import_module("harness.journald")
-    except ImportError:
-        return None
+        pytest.skip("tests/harness/journald.py (a private journald) is missing")
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with Journald() as jd:
+        yield jd
 
 
 @pytest.mark.systemd
 def test_journal_mode_against_a_real_journald(
-    loop: asyncio.AbstractEventLoop, table: ProcessTable
+    loop: asyncio.AbstractEventLoop, table: ProcessTable, journald: Any
 ) -> None:
-    harness = _journald_harness()
-    if harness is None:
-        pytest.skip("tests/harness/journald.py (a private journald) is missing")
-    import json
-    import subprocess
+    name = f"svc-{id(loop)}"  # one identifier per parametrized run
 
-    tag = f"fastorch-test-{os.getpid()}-{time.monotonic_ns()}"
-    with harness.journald() as jd:  # a private journald for this test
+    async def main() -> None:
+        logs = LogManager(loop, journal_socket=journald.stdout)
+        fds = logs.open(1, name, LogCfg("journal"))
+        # A restart reuses the same streams.
+        code = "import sys; print('hello out'); print('hello err', file=sys.stderr)"
+        assert await child(table, code, fds) == 0
+        assert logs.open(1, name, LogCfg("journal")) == fds
+        assert await child(table, "print('second run')", fds) == 0
+        logs.release(1)
+        await logs.aclose()
 
-        async def main() -> None:
-            logs = LogManager(loop, journal_socket=jd.stdout_socket)
-            fds = logs.open(1, tag, LogCfg("journal"))
-            code = "import sys; print('hello out'); print('hello err', file=sys.stderr)"
-            assert await child(table, code, fds) == 0
-            logs.release(1)
-            await logs.aclose()
-
-        run(loop, main())
-        entries: list[dict[str, str]] = []
-        deadline = time.monotonic() + 10
-        while len(entries) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            out = subprocess.run(
-                [*jd.journalctl_args(), "-o", "json", f"SYSLOG_IDENTIFIER={tag}"],
-                capture_output=True,
-                timeout=10,
-                check=False,
-            ).stdout
-            entries = [json.loads(line) for line in out.splitlines() if line]
-    got = {e["MESSAGE"]: e["PRIORITY"] for e in entries}
-    assert got == {"hello out": "6", "hello err": "3"}
+    run(loop, main())
+    entries = journald.wait_for(count=3, SYSLOG_IDENTIFIER=name)
+    got = sorted((e["MESSAGE"], e["PRIORITY"]) for e in entries)
+    assert got == [("hello err", "3"), ("hello out", "6"), ("second run", "6")]
+    assert {e["_TRANSPORT"] for e in entries} == {"stdout"}
