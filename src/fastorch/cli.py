@@ -108,8 +108,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def add_graph(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("graph", help="print the dependency graph as DOT")
-    p.add_argument("config")
+    p = subparsers.add_parser(
+        "graph",
+        help="print the dependency graph as DOT (of CONFIG, or of the running fleet)",
+    )
+    p.add_argument("config", nargs="?")
+    p.add_argument("--socket", help="API Unix socket of the running supervisor")
+    p.add_argument("--url", help="API base URL (TCP)")
+    p.add_argument("--token-file", dest="token_file", help="bearer token file")
+    p.add_argument("--json", action="store_true", help="the live graph as JSON")
     p.set_defaults(func=cmd_graph)
 
 
@@ -117,6 +124,10 @@ def cmd_graph(args: argparse.Namespace) -> int:
     """Print the dependency graph in Graphviz DOT."""
     from fastorch import config as configmod
 
+    if args.config is None:
+        from fastorch.client import live_graph_command
+
+        return live_graph_command(args)
     try:
         cfg = _load(args.config)
     except ConfigError as exc:
