@@ -55,7 +55,7 @@ class Spawner(Protocol):
         self,
         argv: list[str],
         *,
-        env: Mapping[str, str] | None,
+        env: dict[str, str] | None,
         cwd: str | None,
         stdin: int | None,
         stdout: int | None,
@@ -63,7 +63,7 @@ class Spawner(Protocol):
         on_exit: Callable[[int, int], None],
     ) -> int: ...
 
-    def signal_group(self, pid: int, signo: int) -> None: ...
+    def signal_group(self, pid: int, signo: int) -> object: ...
 
 
 class ProbeDurations:
@@ -454,7 +454,7 @@ class _ExecRun(_Run):
         runner: ProbeRunner,
         key: tuple[int, int, int],
         target: _Target,
-        env: Mapping[str, str] | None,
+        env: dict[str, str] | None,
         cwd: str | None,
     ):
         super().__init__(runner, key, target)
@@ -463,10 +463,11 @@ class _ExecRun(_Run):
         self.cwd = cwd
 
     def start(self) -> None:
-        runner = self.runner
+        spawner = self.runner._spawner
+        assert spawner is not None  # run() checked
         devnull = subprocess.DEVNULL  # the process table opens it in the child
         try:
-            self.pid = runner._spawner.spawn(
+            self.pid = spawner.spawn(
                 self.target.argv,
                 env=self.env,
                 cwd=self.cwd,
@@ -491,8 +492,10 @@ class _ExecRun(_Run):
         if self.pid:
             pid = self.pid
             self.pid = 0
+            spawner = self.runner._spawner
+            assert spawner is not None
             try:
-                self.runner._spawner.signal_group(pid, signal.SIGKILL)
+                spawner.signal_group(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -557,7 +560,7 @@ class ProbeRunner:
         probe: int,
         seq: int,
         spec: Any,
-        env: Mapping[str, str] | None = None,
+        env: dict[str, str] | None = None,
         cwd: str | None = None,
     ) -> None:
         """Start one run of ``spec``; returns at once.
