@@ -158,8 +158,40 @@ def percentile(values: list[float], q: float) -> float:
 def run_one(
     watch: ProcWatch, driver: Driver, n: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Start, idle, crash and stop one supervisor with ``n`` services."""
-    result: dict[str, Any] = {"peer": driver.name, "n": n}
+    """Measure one supervisor with ``n`` services.
+
+    The first cycle measures everything; each further one (``--repeat``)
+    only starts and stops again. Start and stop report the median cycle.
+    """
+    result: dict[str, Any] = {
+        "peer": driver.name,
+        "n": n,
+        "loadavg": os.getloadavg()[0],
+        "start_samples_s": [],
+        "stop_samples_s": [],
+    }
+    try:
+        for cycle in range(args.repeat):
+            one_cycle(watch, driver, n, args, result, full=cycle == 0)
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"  {driver.name} N={n}: {result['error']}")
+    if result["start_samples_s"]:
+        result["start_s"] = statistics.median(result["start_samples_s"])
+    if result["stop_samples_s"]:
+        result["stop_s"] = statistics.median(result["stop_samples_s"])
+    return result
+
+
+def one_cycle(
+    watch: ProcWatch,
+    driver: Driver,
+    n: int,
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    full: bool,
+) -> None:
+    """Start the supervisor, measure, stop it; add the figures to ``result``."""
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{driver.name}-{n}-"))
     launch = driver.launch(n, tmp)
     proc = None
@@ -187,34 +219,46 @@ def run_one(
                 f"{len(tree.running)} of {n} services running after "
                 f"{args.start_timeout} s (log: {launch.log})"
             )
-        result["start_s"] = (max(tree.running.values()) - t0) / 1e9
+        result["start_samples_s"].append((max(tree.running.values()) - t0) / 1e9)
 
         # Let the supervisor finish what follows its spawns before looking.
         time.sleep(args.settle)
         watch.check()
-        result["rss_bytes"], cpu0 = supervisor_usage(tree)
-        execs0 = len(tree.execs)
-        time.sleep(args.idle)
-        _, cpu1 = supervisor_usage(tree)
-        result["idle_cpu_s"] = (cpu1 - cpu0) * 20.0 / args.idle
-        if len(tree.execs) != execs0:
-            result["note"] = "services restarted while idle"
+        if full:
+            measure_idle(watch, driver, tree, n, args, result)
 
-        result.update(crash_latencies(watch, driver, tree, n, args))
-
-        # circus 0.19 never exits if SIGTERM lands while it is respawning.
-        time.sleep(args.settle)
-        result.update(stop_all(watch, driver, proc, tree, args))
+        result["stop_samples_s"].append(stop_all(watch, driver, proc, tree, args))
         proc.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        print(f"  {driver.name} N={n}: {result['error']} (kept {tmp})")
+        raise RuntimeError(f"{exc} (files kept in {tmp})") from exc
     finally:
         end_everything(proc)
         if proc is not None:
             watch.forget(proc.pid)
-    return result
+
+
+def measure_idle(
+    watch: ProcWatch,
+    driver: Driver,
+    tree: Tree,
+    n: int,
+    args: argparse.Namespace,
+    result: dict[str, Any],
+) -> None:
+    """RSS, CPU over the idle window, then the crash samples."""
+    result["rss_bytes"], cpu0 = supervisor_usage(tree)
+    execs0 = len(tree.execs)
+    time.sleep(args.idle)
+    _, cpu1 = supervisor_usage(tree)
+    result["idle_cpu_s"] = (cpu1 - cpu0) * 20.0 / args.idle
+    if len(tree.execs) != execs0:
+        result["note"] = "services restarted while idle"
+
+    result.update(crash_latencies(watch, driver, tree, n, args))
+
+    # circus 0.19 never exits if SIGTERM lands while it is respawning.
+    time.sleep(args.settle)
 
 
 def crash_latencies(
@@ -251,8 +295,8 @@ def stop_all(
     proc: subprocess.Popen[bytes],
     tree: Tree,
     args: argparse.Namespace,
-) -> dict[str, Any]:
-    """SIGTERM the supervisor; time until it and all services exited."""
+) -> float:
+    """SIGTERM the supervisor; seconds until it and all services exited."""
     with watch.lock:
         services = list(tree.running)
     t_stop = time.monotonic_ns()
@@ -266,7 +310,7 @@ def stop_all(
     if not done:
         raise RuntimeError(f"not stopped within {args.stop_timeout} s")
     end = max([tree.root_exit_ns or 0, *(tree.exits[p] for p in services)])
-    return {"stop_s": (end - t_stop) / 1e9}
+    return (end - t_stop) / 1e9
 
 
 def ratio(value: float | None, base: float | None) -> str:
@@ -287,9 +331,9 @@ def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| N | supervisor | start all s | vs limit | crash->running "
         "median ms | p95 ms | vs limit | stop all s | vs limit | RSS MiB "
-        "| KiB/service | CPU s / 20 s idle |"
+        "| KiB/service | CPU s / 20 s idle | load |"
     )
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for r in results:
         base = by_key.get((LIMIT, r["n"]), {})
         first = by_key.get((r["peer"], small), {})
@@ -310,6 +354,7 @@ def table(results: list[dict[str, Any]]) -> str:
             fmt(None if rss is None else rss / 2**20, ".1f"),
             fmt(per_svc, ".1f"),
             fmt(r.get("idle_cpu_s"), ".3f"),
+            fmt(r.get("loadavg"), ".1f"),
         ]
         if "error" in r:
             cells[-1] += f" (error: {r['error'][:60]})"
@@ -362,6 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=20,
         help="crash samples for supervisord (~1 s per respawn)",
     )
+    p.add_argument("--repeat", type=int, default=3, help="start/stop cycles (median)")
     p.add_argument("--idle", type=float, default=20.0, help="idle window, s")
     p.add_argument("--settle", type=float, default=2.0, help="pause after start")
     p.add_argument("--circus-check-delay", type=float, default=0.1)
