@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-import httpx
 import orjson
 
 from fastorch.errors import ApiError
@@ -62,6 +61,12 @@ class Client:
         token: str | None = None,
         timeout: float = 30.0,
     ) -> None:
+        # httpx is imported here, not at module level: the parser of every
+        # fastorch command (``run`` included) imports this module, and the
+        # supervisor should not carry an HTTP client it never uses.
+        import httpx
+
+        self._transport_error = httpx.TransportError
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if url:
             self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
@@ -106,7 +111,7 @@ class Client:
             response = self._http.request(
                 method, path, content=content, params=params, headers=headers
             )
-        except httpx.TransportError as exc:
+        except self._transport_error as exc:
             raise ApiError(
                 503, f"cannot reach fastorch at {self.where}: {exc}"
             ) from exc
@@ -135,13 +140,13 @@ class Client:
                         yield event, line[6:]
                     elif not line:
                         event = ""
-        except httpx.TransportError as exc:
+        except self._transport_error as exc:
             raise ApiError(
                 503, f"cannot reach fastorch at {self.where}: {exc}"
             ) from exc
 
 
-def _decode(response: httpx.Response) -> Any:
+def _decode(response: Any) -> Any:
     ctype = response.headers.get("content-type", "")
     body: Any = response.text
     if ctype.startswith("application/json"):

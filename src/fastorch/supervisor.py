@@ -81,7 +81,6 @@ class _Service:
     status_text: str = ""
     notify_path: str | None = None
     log_fds: tuple[int | None, int | None] | None = None
-    env: dict[str, str] | None = None  # the child's, built once per cfg
 
 
 class Supervisor:
@@ -120,6 +119,7 @@ class Supervisor:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: int | None = None
         self._queue: deque[tuple[int, ...]] = deque()
+        self._env_bases: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self._draining = False
         self._shutdown_started = False
         self._done: asyncio.Future[None] = self._loop.create_future()
@@ -396,17 +396,8 @@ class Supervisor:
         self._queue.extend(self.engine.spawned(sid, pid))
 
     def _child_env(self, svc: _Service) -> dict[str, str]:
-        if svc.env is None:
-            svc.env = self._build_env(svc)
-        return svc.env
-
-    def _build_env(self, svc: _Service) -> dict[str, str]:
         cfg = svc.cfg
-        env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("WATCHDOG_USEC", None)
-        env.pop("WATCHDOG_PID", None)
-        env.update(cfg.env)
+        env = self._base_env(cfg.env).copy()
         env["FASTORCH_SERVICE"] = svc.name
         if cfg.notify or cfg.watchdog_ms:
             if self.notify is None:
@@ -417,6 +408,20 @@ class Supervisor:
             if cfg.watchdog_ms:
                 env["WATCHDOG_USEC"] = str(cfg.watchdog_ms * 1000)
         return env
+
+    def _base_env(self, extra: dict[str, str]) -> dict[str, str]:
+        """Our environment plus a service's ``env``, shared by every service
+        with the same ``env``: reading os.environ costs a decode per key, and
+        a copy per service would cost kilobytes each."""
+        key = tuple(extra.items())
+        base = self._env_bases.get(key)
+        if base is None:
+            base = dict(os.environ)
+            for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                base.pop(name, None)
+            base.update(extra)
+            self._env_bases[key] = base
+        return base
 
     def _log_fds(self, svc: _Service) -> tuple[int | None, int | None]:
         if self.logs is None or getattr(svc.cfg, "logs", None) is None:
@@ -432,13 +437,13 @@ class Supervisor:
             # No way to run it: a failed result keeps the engine honest.
             self._queue.extend(self.engine.probe_result(sid, probe, seq, False))
             return
-        self.probes.run(sid, probe, seq, spec, self._probe_env(svc), svc.cfg.cwd)
-
-    def _probe_env(self, svc: _Service) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(svc.cfg.env)
-        env["FASTORCH_SERVICE"] = svc.name
-        return env
+        # Only an exec probe has an environment; http and tcp run per second
+        # by the thousand and must not copy one.
+        env = None
+        if spec.kind == "exec":
+            env = self._base_env(svc.cfg.env).copy()
+            env["FASTORCH_SERVICE"] = svc.name
+        self.probes.run(sid, probe, seq, spec, env, svc.cfg.cwd)
 
     def _on_transition(self, sid: int, from_: int, to: int, reason: int) -> None:
         svc = self._services[sid]
@@ -828,7 +833,6 @@ class Supervisor:
             cfg = new.services[name]
             eng.configure(sid, **configmod.engine_options(cfg))
             self._services[sid].cfg = cfg
-            self._services[sid].env = None
         for name in added + changed:
             self._add_edges(new.services[name])
 
