@@ -263,9 +263,9 @@ class JournalHandler(logging.Handler):
                 "PRIORITY": str(_priority(record.levelno)),
                 "SYSLOG_IDENTIFIER": self.identifier,
                 "LOGGER": record.name,
-                "CODE_FILE": record.pathname,
+                "CODE_FILE": record.pathname or "",
                 "CODE_LINE": str(record.lineno),
-                "CODE_FUNC": record.funcName,
+                "CODE_FUNC": record.funcName or "",
                 "THREAD_NAME": str(record.threadName),
             }
             if record.exc_info:
