@@ -251,27 +251,15 @@ class Journald:
 
     def entries(self, *matches: str, **fields: Any) -> list[dict[str, Any]]:
         """Return the entries matching ``FIELD=value`` (all given must match)."""
-        argv = ["journalctl", f"--directory={self.directory}", "-o", "json"]
-        argv += ["--all", "--no-pager", "-q", *matches]
-        argv += [f"{k}={v}" for k, v in fields.items()]
-        out = subprocess.run(argv, capture_output=True, timeout=10, check=True)
-        return [json.loads(line) for line in out.stdout.splitlines() if line]
+        return read_journal(self.directory, *matches, **fields)
 
     def wait_for(
         self, *matches: str, count: int = 1, timeout: float = 5.0, **fields: Any
     ) -> list[dict[str, Any]]:
         """Poll until at least ``count`` entries match; return them all."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.entries(*matches, **fields)
-            if len(found) >= count:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{len(found)} of {count} journal entries matching "
-                    f"{matches} {fields} after {timeout}s"
-                )
-            time.sleep(0.05)
+        return wait_for_entries(
+            self.directory, *matches, count=count, timeout=timeout, **fields
+        )
 
     def inside(self, argv: list[str]) -> list[str]:
         """Return ``argv`` prefixed to run in journald's mount namespace.
@@ -291,6 +279,36 @@ class Journald:
         env = {k: v for k, v in os.environ.items() if k not in _MANAGER_VARS}
         env.update(kwargs.pop("env", {}))
         return subprocess.run(self.inside(argv), timeout=timeout, env=env, **kwargs)
+
+
+def read_journal(directory: str, *matches: str, **fields: Any) -> list[dict[str, Any]]:
+    """Return the entries of the journal files in ``directory`` that match."""
+    argv = ["journalctl", f"--directory={directory}", "-o", "json"]
+    argv += ["--all", "--no-pager", "-q", *matches]
+    argv += [f"{k}={v}" for k, v in fields.items()]
+    out = subprocess.run(argv, capture_output=True, timeout=10, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line]
+
+
+def wait_for_entries(
+    directory: str,
+    *matches: str,
+    count: int = 1,
+    timeout: float = 5.0,
+    **fields: Any,
+) -> list[dict[str, Any]]:
+    """Poll until at least ``count`` entries match; return them all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = read_journal(directory, *matches, **fields)
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(found)} of {count} journal entries matching "
+                f"{matches} {fields} after {timeout}s"
+            )
+        time.sleep(0.05)
 
 
 def _only_child(pid: int) -> int | None:
