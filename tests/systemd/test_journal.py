@@ -11,9 +11,11 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
+from fastorch import systemd as fsystemd
 from fastorch.errors import ConfigError
 from fastorch.systemd import (
     JournalHandler,
@@ -21,6 +23,8 @@ from fastorch.systemd import (
     journal_available,
     setup_logging,
 )
+from harness.journald import Journald
+from harness.journald import skip_reason as journald_skip_reason
 
 try:
     import systemd.journal  # noqa: F401
@@ -28,6 +32,31 @@ try:
     HAVE_SYSTEMD_PYTHON = True
 except ImportError:
     HAVE_SYSTEMD_PYTHON = False
+
+
+@pytest.fixture(scope="module")
+def journald() -> Iterator[Journald]:
+    """A private systemd-journald for the module's tests."""
+    reason = journald_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with Journald() as jd:
+        yield jd
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo what setup_logging does to the root logger."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    if fsystemd._installed is not None:
+        root.removeHandler(fsystemd._installed)
+        fsystemd._installed.close()
+        fsystemd._installed = None
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 MESSAGE_ID = "5d3a1b2c4e6f48a19b0c7d8e9f0a1b2c"
