@@ -39,7 +39,7 @@ HOLDS = {
 }
 
 
-def _build(rnd: random.Random):
+def _build(rnd: random.Random, window: int = 500):
     engine = _core.Engine(now=0, seed=7)
     policy = {}
     probed = set()
@@ -71,8 +71,14 @@ def _build(rnd: random.Random):
 
 
 def test_simulated_hour_of_10000_services():
+    simulate_hour()
+
+
+def simulate_hour(window: int = 500) -> dict:
+    """Run the hour; return what was seen (``window`` 0: edges onto the
+    first 1,000 services only)."""
     rnd = random.Random(2024)
-    engine, policy, probed = _build(rnd)
+    engine, policy, probed = _build(rnd, window)
     deps = {s: engine.dependencies(s) for s in engine.sids()}
     flaky = set(rnd.sample(sorted(probed), len(probed) // 20))
 
@@ -143,6 +149,7 @@ def test_simulated_hour_of_10000_services():
     assert sum(counts) == N
     assert seen["exits"] > 1000 and seen["probes"] > 50_000, seen
     assert counts[State.BACKOFF] + counts[State.FAILED] < N // 2, counts
+    return dict(seen, counts=counts)
 
 
 def _exit(engine, run, policy, shadow, signalled, seen, sid, status):
