@@ -324,10 +324,20 @@ def encode_journal_fields(fields: Mapping[str, str]) -> bytes:
     return bytes(out)
 
 
+def _drop_unset_fields(record: logging.LogRecord) -> bool:
+    # systemd-python would write FASTORCH_PID=None for a service without a
+    # process; the native handler leaves such a field out, and so do we.
+    for key in [k for k, v in record.__dict__.items() if v is None and k.isupper()]:
+        delattr(record, key)
+    return True
+
+
 def _library_journal_handler() -> logging.Handler | None:
     if _sd_journal is None:
         return None
-    return _sd_journal.JournalHandler(SYSLOG_IDENTIFIER="fastorch")
+    handler = _sd_journal.JournalHandler(SYSLOG_IDENTIFIER="fastorch")
+    handler.addFilter(_drop_unset_fields)
+    return handler
 
 
 def _stderr_is_journal() -> bool:

@@ -168,8 +168,9 @@ def test_native_handler_fields_read_back_from_journald(journald, restore_logging
         extra = {"FASTORCH_RUN": run}
         log.error("service %s: gave up", "web", exc_info=True, extra=extra)
     log.debug("not at this level", extra={"FASTORCH_RUN": run})
+    log.info("no process", extra={"FASTORCH_RUN": run, "FASTORCH_PID": None})
 
-    info, error = journald.wait_for(FASTORCH_RUN=run, count=2)
+    info, error, no_pid = journald.wait_for(FASTORCH_RUN=run, count=3)
     assert info["MESSAGE"] == "service web: starting -> running (pid 4242)"
     assert info["PRIORITY"] == "6"
     assert info["SYSLOG_IDENTIFIER"] == "fastorch"
@@ -181,7 +182,8 @@ def test_native_handler_fields_read_back_from_journald(journald, restore_logging
     assert info["_PID"] == str(os.getpid())
     assert error["PRIORITY"] == "3"
     assert "ValueError: boom" in error["EXCEPTION_TEXT"]
-    assert len(journald.entries(FASTORCH_RUN=run)) == 2
+    assert "FASTORCH_PID" not in no_pid
+    assert len(journald.entries(FASTORCH_RUN=run)) == 3
 
 
 @pytest.mark.systemd
@@ -208,7 +210,7 @@ assert type(systemd._installed).__module__ == "systemd.journal", systemd._instal
 logging.getLogger("fastorch.supervisor").warning(
     "service %s: exited -> backoff", "db", extra={extra!r})
 """
-    extra = _transition_extra(run) | {"FASTORCH_SERVICE": "db"}
+    extra = _transition_extra(run) | {"FASTORCH_SERVICE": "db", "FASTORCH_EXIT": None}
     done = journald.run_inside(
         [sys.executable, "-c", code.replace("{extra!r}", repr(extra))],
         env={"PYTHONPATH": os.path.abspath(SRC)},
@@ -222,6 +224,7 @@ logging.getLogger("fastorch.supervisor").warning(
     assert entry["FASTORCH_SERVICE"] == "db"
     assert entry["FASTORCH_PID"] == "4242"
     assert entry["MESSAGE_ID"] == MESSAGE_ID
+    assert "FASTORCH_EXIT" not in entry
 
 
 @pytest.mark.systemd
