@@ -31,7 +31,8 @@ Example::
         m.drop_in("fastorch.service", "test", "[Service]\\nWatchdogSec=2s\\n")
         m.systemctl("start", "fastorch.service")       # returns after READY=1
         assert m.show("fastorch.service", "SubState")["SubState"] == "running"
-        m.wait_for(USER_UNIT="fastorch.service", FASTORCH_SERVICE="web")
+        # fastorch's own entries; the manager's lines about it carry USER_UNIT=
+        m.wait_for(_SYSTEMD_USER_UNIT="fastorch.service", FASTORCH_SERVICE="web")
 
 Unit files live in ``m.config_home/systemd/user``; the unit sees
 ``%t`` = ``/run/systemd/user``. Paths a unit needs must not be under
@@ -42,6 +43,7 @@ Unit files live in ``m.config_home/systemd/user``; the unit sees
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,6 +121,48 @@ def cgroup_hierarchies() -> list[str]:
     return [h for h in found if os.path.isdir(h)]
 
 
+def _remove_cgroup_tree(path: str, timeout: float) -> None:
+    # The directories stay busy until the killed processes are gone.
+    deadline = time.monotonic() + timeout
+    while os.path.isdir(path):
+        for dirpath, _, _ in sorted(os.walk(path), reverse=True):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+        if os.path.isdir(path):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+
+def _remove_stale(base_dir: str) -> None:
+    """Remove cgroups and directories left by a test process that was killed.
+
+    Their names carry the PID of the test process; the processes inside
+    died with it, so only empty directories remain.
+    """
+    stale = re.compile(r"(?:fastorch-test|um)-(\d+)-")
+    places = [(h, "fastorch-test-") for h in cgroup_hierarchies()]
+    places.append((base_dir, "um-"))
+    for parent, prefix in places:
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            match = stale.match(name)
+            if not name.startswith(prefix) or not match:
+                continue
+            if os.path.exists(f"/proc/{match.group(1)}"):
+                continue
+            path = os.path.join(parent, name)
+            if prefix == "um-":
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _remove_cgroup_tree(path, timeout=1.0)
+
+
 def skip_reason() -> str | None:
     """Name the missing capability that prevents a user manager, or None."""
     if os.geteuid() != 0:
@@ -178,7 +222,8 @@ class UserManager:
         if journald is None or systemd is None:
             raise RuntimeError("systemd binaries not found")
         os.makedirs(self._base_dir, exist_ok=True)
-        self.root = tempfile.mkdtemp(prefix="um-", dir=self._base_dir)
+        _remove_stale(self._base_dir)
+        self.root = tempfile.mkdtemp(prefix=f"um-{os.getpid()}-", dir=self._base_dir)
         for sub in ("home", "log", "config/systemd/user"):
             os.makedirs(os.path.join(self.root, sub))
         with open(os.path.join(self.root, "journald.conf"), "w") as f:
@@ -259,21 +304,9 @@ class UserManager:
             self.root = ""
 
     def _remove_cgroups(self, timeout: float) -> None:
-        # The directories stay busy until the killed processes are gone.
         top = self.cgroup.split("/")[0]
-        deadline = time.monotonic() + timeout
         for hierarchy in cgroup_hierarchies():
-            path = os.path.join(hierarchy, top)
-            while os.path.isdir(path):
-                for dirpath, _, _ in sorted(os.walk(path), reverse=True):
-                    try:
-                        os.rmdir(dirpath)
-                    except OSError:
-                        pass
-                if os.path.isdir(path):
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
+            _remove_cgroup_tree(os.path.join(hierarchy, top), timeout)
 
     def command(self, argv: list[str]) -> list[str]:
         """Return ``argv`` prefixed to run inside the namespaces."""
@@ -363,7 +396,11 @@ class UserManager:
             time.sleep(0.05)
 
     def entries(self, *matches: str, **fields: Any) -> list[dict[str, Any]]:
-        """Journal entries matching ``FIELD=value`` (``USER_UNIT=`` works)."""
+        """Journal entries matching ``FIELD=value``.
+
+        A unit's own entries carry ``_SYSTEMD_USER_UNIT=<unit>``; what the
+        manager says about it (started, watchdog timeout) ``USER_UNIT=<unit>``.
+        """
         return read_journal(self.journal_directory, *matches, **fields)
 
     def wait_for(
