@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping
 from fastorch.errors import ConfigError
 
 try:
-    from systemd import daemon as _sd_daemon
-    from systemd import journal as _sd_journal
+    import systemd.daemon as _sd_daemon
+    import systemd.journal as _sd_journal
 except ImportError:  # the optional extra is not installed
     _sd_daemon = None
     _sd_journal = None
