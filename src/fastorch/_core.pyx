@@ -550,8 +550,8 @@ cdef struct Spec:
     uint32_t l_delay
     uint32_t l_period
     uint32_t l_timeout
-    float backoff_factor
-    float backoff_jitter
+    double backoff_factor
+    double backoff_jitter
     uint16_t limit_burst
     uint16_t r_success
     uint16_t r_failure
@@ -1028,6 +1028,9 @@ cdef class Engine:
         Raises:
             EngineError: a bad option, or the name is taken.
         """
+        return self._add(name, self._intern_spec(_spec_key(options)))
+
+    cdef int32_t _add(self, object name, uint32_t spec) except -1:
         cdef Py_ssize_t n
         cdef const char* s
         cdef int32_t slot, sid
@@ -1039,7 +1042,6 @@ cdef class Engine:
             raise EngineError("a service name is at most 65535 bytes")
         if self._lookup(s, n, &slot) >= 0:
             raise EngineError(f"service {name!r} exists already")
-        cdef uint32_t spec = self._intern_spec(_spec_key(options))
         if self._free_sid >= 0:
             sid = self._free_sid
             self._free_sid = self._svcs[sid].deps
@@ -1172,30 +1174,97 @@ cdef class Engine:
         self._svcs[on].rdeps = e
 
     cdef list _path(self, int32_t start, int32_t goal):
-        """A dependency path start -> ... -> goal, or None (iterative DFS)."""
+        """A dependency path start -> ... -> goal, or None (iterative DFS
+        on C arrays: this runs for every edge added)."""
         cdef uint32_t epoch = self._next_epoch()
-        cdef list stack = [start]
-        cdef dict parent = {start: -1}
-        cdef int32_t x, e, d
-        self._mark[start] = epoch
-        while stack:
-            x = stack.pop()
-            if x == goal:
-                path = []
-                while x != -1:
-                    path.append(x)
-                    x = parent[x]
-                path.reverse()
-                return path
-            e = self._svcs[x].deps
-            while e >= 0:
-                d = self._edges[e].dep
-                if self._mark[d] != epoch:
-                    self._mark[d] = epoch
-                    parent[d] = x
-                    stack.append(d)
-                e = self._edges[e].next_dep
-        return None
+        cdef int32_t* stack = <int32_t*>PyMem_Malloc(
+            (2 * self._top + 1) * sizeof(int32_t))
+        cdef int32_t* parent
+        cdef int32_t top = 0, x, e, d
+        cdef list path
+        if stack == NULL:
+            raise MemoryError()
+        # NB: parent[] is read only for marked ids, so it needs no init.
+        parent = stack + self._top
+        try:
+            self._mark[start] = epoch
+            parent[start] = -1
+            stack[top] = start
+            top += 1
+            while top:
+                top -= 1
+                x = stack[top]
+                if x == goal:
+                    path = []
+                    while x != -1:
+                        path.append(x)
+                        x = parent[x]
+                    path.reverse()
+                    return path
+                e = self._svcs[x].deps
+                while e >= 0:
+                    d = self._edges[e].dep
+                    if self._mark[d] != epoch:
+                        self._mark[d] = epoch
+                        parent[d] = x
+                        stack[top] = d
+                        top += 1
+                    e = self._edges[e].next_dep
+            return None
+        finally:
+            PyMem_Free(stack)
+
+    def add_dependencies(self, edges):
+        """Add many edges ``(sid, on, condition)`` with one cycle check.
+
+        All or nothing: when the edges close a cycle, none is added.
+
+        Raises:
+            CycleError: with one cycle's path.
+        """
+        cdef list todo = []
+        cdef int32_t sid, on, e, i
+        cdef int cond
+        for item in edges:
+            sid, on, cond = item
+            self._check(sid)
+            self._check(on)
+            if cond < C_STARTED or cond > C_COMPLETED:
+                raise EngineError(f"unknown condition {cond!r}")
+            if sid == on:
+                raise CycleError([self._name(sid), self._name(sid)])
+            todo.append((sid, on, cond))
+        cdef list added = []
+        for sid, on, cond in todo:
+            e = self._find_edge(sid, on)
+            if e >= 0:
+                self._edges[e].cond = <uint8_t>cond
+                continue
+            e = self._new_edge()
+            self._edges[e].dep = on
+            self._edges[e].owner = sid
+            self._edges[e].cond = <uint8_t>cond
+            self._edges[e].next_dep = self._svcs[sid].deps
+            self._svcs[sid].deps = e
+            self._edges[e].next_rdep = self._svcs[on].rdeps
+            self._svcs[on].rdeps = e
+            added.append(e)
+        cycle = self.find_cycle()
+        if cycle is not None:
+            for i in range(len(added) - 1, -1, -1):
+                e = added[i]
+                self._unlink_dep(e)
+                self._unlink_rdep(e)
+                self._free_edge_slot(e)
+            raise CycleError(cycle)
+
+    def add_services(self, names, **options):
+        """Add many services with the same options; returns their sids."""
+        cdef list out = []
+        cdef uint32_t spec = self._intern_spec(_spec_key(options))
+        for name in names:
+            out.append(self._add(name, spec))
+        return out
 
     def remove_dependency(self, int32_t sid, int32_t on):
         """Remove the edge; False if there was none. A WAITING service
@@ -1290,17 +1359,16 @@ cdef class Engine:
         cyc = seen[at[x]:] + [x]
         return [self._name(s) for s in cyc]
 
-    cdef list _topo(self):
-        """Kahn's order of every service (dependencies first)."""
-        cdef int32_t s, e, d
-        cdef list order = []
-        cdef list ready = []
+    cdef int32_t _topo_c(self, int32_t* order) except -1:
+        """Kahn's order (dependencies first) into ``order``, which holds
+        ``_top`` ids; returns how many were ordered (fewer than the number
+        of services means a cycle)."""
+        cdef int32_t s, e, d, head = 0, tail = 0
         cdef uint32_t* indeg = self._mark
-        # NB: borrows the mark array as in-degree counts; the next traversal
-        # takes a fresh epoch far above any count left here.
+        # NB: borrows the mark array as in-degree counts and clears it
+        # after; the queue is ``order`` itself.
         for s in range(self._top):
             indeg[s] = 0
-        for s in range(self._top):
             if self._svcs[s].state == ST_FREE:
                 continue
             e = self._svcs[s].deps
@@ -1309,19 +1377,34 @@ cdef class Engine:
                 e = self._edges[e].next_dep
         for s in range(self._top):
             if self._svcs[s].state != ST_FREE and indeg[s] == 0:
-                ready.append(s)
-        while ready:
-            s = ready.pop()
-            order.append(s)
+                order[tail] = s
+                tail += 1
+        while head < tail:
+            s = order[head]
+            head += 1
             e = self._svcs[s].rdeps
             while e >= 0:
                 d = self._edges[e].owner
                 indeg[d] -= 1
                 if indeg[d] == 0:
-                    ready.append(d)
+                    order[tail] = d
+                    tail += 1
                 e = self._edges[e].next_rdep
         self._reset_marks()
-        return order
+        return tail
+
+    cdef list _topo(self):
+        """Kahn's order of every service (dependencies first)."""
+        cdef int32_t* order = <int32_t*>PyMem_Malloc(
+            (self._top + 1) * sizeof(int32_t))
+        cdef int32_t n, i
+        if order == NULL:
+            raise MemoryError()
+        try:
+            n = self._topo_c(order)
+            return [order[i] for i in range(n)]
+        finally:
+            PyMem_Free(order)
 
     cdef void _reset_marks(self) noexcept:
         memset(self._mark, 0, self._cap * sizeof(uint32_t))
@@ -1330,14 +1413,17 @@ cdef class Engine:
     cdef int32_t* _levels_array(self) except NULL:
         """Level of every sid (-1 for free slots); caller frees."""
         cdef int32_t* level = <int32_t*>PyMem_Malloc(
-            (self._top + 1) * sizeof(int32_t))
-        cdef int32_t s, e, d, lv
+            (2 * self._top + 1) * sizeof(int32_t))
+        cdef int32_t* order
+        cdef int32_t s, e, d, lv, i, n
         if level == NULL:
             raise MemoryError()
-        cdef list order = self._topo()
+        order = level + self._top
+        n = self._topo_c(order)
         for s in range(self._top):
             level[s] = -1
-        for s in order:
+        for i in range(n):
+            s = order[i]
             lv = 0
             e = self._svcs[s].deps
             while e >= 0:
@@ -1485,16 +1571,8 @@ cdef class Engine:
         """What a state change means for the neighbours."""
         cdef int32_t e, other
         cdef Svc* o
-        # A dependency may now satisfy WAITING dependents.
         if _is_alive(to) or to == ST_COMPLETED:
-            e = self._svcs[sid].rdeps
-            while e >= 0:
-                other = self._edges[e].owner
-                if (self._svcs[other].state == ST_WAITING
-                        and self._deps_hold(other)):
-                    # WAITING -> STARTING: dependencies met
-                    self._spawn(other, RS_DEPENDENCIES_MET)
-                e = self._edges[e].next_rdep
+            self._wake_dependents(sid)
         # A dependent went away: dependencies waiting to stop may go now.
         if _has_process(frm) and not _has_process(to):
             e = self._svcs[sid].deps
@@ -1504,6 +1582,18 @@ cdef class Engine:
                 if o.flags & F_STOP_PENDING:
                     self._try_stop(other)
                 e = self._edges[e].next_dep
+        return 0
+
+    cdef int _wake_dependents(self, int32_t sid) except -1:
+        """Start the WAITING dependents whose conditions now all hold."""
+        cdef int32_t e = self._svcs[sid].rdeps, other
+        while e >= 0:
+            other = self._edges[e].owner
+            if (self._svcs[other].state == ST_WAITING
+                    and self._deps_hold(other)):
+                # WAITING -> STARTING: dependencies met
+                self._spawn(other, RS_DEPENDENCIES_MET)
+            e = self._edges[e].next_rdep
         return 0
 
     cdef int _spawn(self, int32_t sid, uint8_t reason) except -1:
@@ -1665,18 +1755,21 @@ cdef class Engine:
     cdef int _start_one(self, int32_t sid, bint named) except -1:
         cdef Svc* v = &self._svcs[sid]
         cdef uint8_t st = v.state
+        cdef bint was_stopping = v.flags & F_STOP_PENDING
         v.flags |= F_WANTED
         v.flags &= ~F_STOP_PENDING
         if st == ST_STOPPED or st == ST_FAILED or (
-                named and st == ST_COMPLETED):
+                named and (st == ST_COMPLETED or st == ST_BACKOFF)):
+            # A start is a fresh start: the start-limit window and the
+            # backoff count begin again.
             v.starts = 0
             v.backoff_count = 0
-            # STOPPED/COMPLETED/FAILED -> STARTING or WAITING: start
-            self._enter(sid, RS_START_REQUESTED)
-        elif st == ST_BACKOFF and named:
             self._disarm(&v.t_life)
-            # BACKOFF -> STARTING: start requested, delay cut short
+            # STOPPED/COMPLETED/FAILED/BACKOFF -> STARTING or WAITING
             self._enter(sid, RS_START_REQUESTED)
+        elif was_stopping and _is_alive(st):
+            # The stop it cancels had held its dependents back.
+            self._wake_dependents(sid)
         return 0
 
     cdef list _run_start(self, list sids, bint all_named):

@@ -142,8 +142,7 @@ class Supervisor:
         self._open_components()
         for svc in config.services.values():
             self._add(svc)
-        for svc in config.services.values():
-            self._add_edges(svc)
+        self._add_edges(config.services.values())
 
     # -- setup -------------------------------------------------------------
 
@@ -182,12 +181,18 @@ class Supervisor:
         self._by_name[cfg.name] = sid
         return sid
 
-    def _add_edges(self, cfg: Any) -> None:
-        sid = self._by_name[cfg.name]
-        for dep, condition in cfg.depends_on:
-            self.engine.add_dependency(
-                sid, self._by_name[dep], _CONDITIONS[condition.lower()]
-            )
+    def _add_edges(self, cfgs: Iterable[Any]) -> None:
+        """Every edge of ``cfgs`` in one call: one cycle check, not one per
+        edge (the config was checked for cycles already; this keeps the
+        engine's own guard cheap)."""
+        by_name = self._by_name
+        self.engine.add_dependencies(
+            [
+                (by_name[cfg.name], by_name[dep], _CONDITIONS[condition.lower()])
+                for cfg in cfgs
+                for dep, condition in cfg.depends_on
+            ]
+        )
 
     def _now(self) -> int:
         return int(self._loop.time() * 1000)
@@ -833,8 +838,7 @@ class Supervisor:
             cfg = new.services[name]
             eng.configure(sid, **configmod.engine_options(cfg))
             self._services[sid].cfg = cfg
-        for name in added + changed:
-            self._add_edges(new.services[name])
+        self._add_edges(new.services[name] for name in added + changed)
 
         self._advance_clock()
         if removed:

@@ -638,3 +638,33 @@ def test_stub_names_match_the_module():
         assert f"class {name}" in text or f"{name}:" in text, name
     for meth in (m for m in dir(Engine) if not m.startswith("_")):
         assert f"def {meth}(" in text, meth
+
+
+def test_bulk_edges_are_all_or_nothing():
+    e = Engine()
+    a, b, c = e.add_services(["a", "b", "c"], oneshot=True)
+    assert e.options(a)["oneshot"] and e.sid("c") == c
+    e.add_dependencies([(b, a, Condition.STARTED), (c, b, Condition.READY)])
+    assert e.levels() == [[a], [b], [c]]
+    with pytest.raises(CycleError) as info:
+        e.add_dependencies([(a, c, 0), (a, b, 0)])
+    assert info.value.cycle[0] == info.value.cycle[-1]
+    assert e.dependencies(a) == []
+    assert e.dependencies(c) == [(b, Condition.READY)]
+    e.check_invariants()
+
+
+def test_start_in_backoff_is_a_fresh_start():
+    e = Engine()
+    s = e.add_service(
+        "s",
+        restart=Restart.ALWAYS,
+        backoff_initial_ms=10,
+        start_limit_burst=2,
+        backoff_jitter=0.0,
+    )
+    spawn_all(e, e.start(s))
+    e.exited(s, 0)
+    spawn_all(e, e.start(s))
+    e.exited(s, 0)
+    assert e.state(s) == S.BACKOFF
