@@ -155,32 +155,46 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def run_one(
-    watch: ProcWatch, driver: Driver, n: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Measure one supervisor with ``n`` services.
+def run_size(
+    watch: ProcWatch,
+    chosen: list[Driver],
+    n: int,
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+) -> None:
+    """Measure every chosen supervisor with ``n`` services into ``results``.
 
-    The first cycle measures everything; each further one (``--repeat``)
-    only starts and stops again. Start and stop report the median cycle.
+    The first round measures everything; each further round (``--repeat``)
+    only starts and stops again. Rounds take the supervisors in turn, so
+    that a noisy moment on the shared machine does not fall on one of them
+    alone. Start and stop report the median round.
     """
-    result: dict[str, Any] = {
-        "peer": driver.name,
-        "n": n,
-        "loadavg": os.getloadavg()[0],
-        "start_samples_s": [],
-        "stop_samples_s": [],
-    }
-    try:
-        for cycle in range(args.repeat):
-            one_cycle(watch, driver, n, args, result, full=cycle == 0)
-    except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        print(f"  {driver.name} N={n}: {result['error']}")
+    batch = [
+        {"peer": d.name, "n": n, "start_samples_s": [], "stop_samples_s": []}
+        for d in chosen
+    ]
+    results += batch  # kept even if a round is interrupted
+    for round_ in range(args.repeat):
+        for driver, result in zip(chosen, batch, strict=True):
+            if "error" in result:
+                continue
+            print(f"{driver.name} N={n} round {round_ + 1} ...", flush=True)
+            result.setdefault("loadavg", os.getloadavg()[0])
+            try:
+                one_cycle(watch, driver, n, args, result, full=round_ == 0)
+            except Exception as exc:
+                result["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"  {driver.name} N={n}: {result['error']}")
+            finally:
+                summarize(result)
+
+
+def summarize(result: dict[str, Any]) -> None:
+    """Start and stop of a result: the median of its rounds so far."""
     if result["start_samples_s"]:
         result["start_s"] = statistics.median(result["start_samples_s"])
     if result["stop_samples_s"]:
         result["stop_s"] = statistics.median(result["stop_samples_s"])
-    return result
 
 
 def one_cycle(
@@ -446,9 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     try:
         for n in sorted(args.n):
-            for driver in chosen:
-                print(f"{driver.name} N={n} ...", flush=True)
-                results.append(run_one(watch, driver, n, args))
+            run_size(watch, chosen, n, args, results)
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f"interrupted ({exc!r}); stopping what was started")
     finally:
