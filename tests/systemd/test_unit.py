@@ -321,3 +321,46 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_child_output_goes_straight_to_the_journal(unit):
+    tag = f"talk-{time.monotonic_ns()}"
+    code = (
+        f"import sys; print('{tag} out', flush=True); "
+        f"print('{tag} err', file=sys.stderr)"
+    )
+    unit.write_config(
+        f"""
+        [services.talker]
+        command = ["{sys.executable}", "-c", "{code}"]
+        oneshot = true
+        logs = {{ destination = "journal" }}
+        """
+    )
+    unit.m.systemctl("start", UNIT)
+
+    err, out = sorted(_wait_messages(unit.m, tag, count=2), key=lambda e: e["MESSAGE"])
+    assert out["MESSAGE"] == f"{tag} out"
+    assert err["MESSAGE"] == f"{tag} err"
+    for entry in (out, err):
+        assert entry["SYSLOG_IDENTIFIER"] == "talker"
+        assert entry["_TRANSPORT"] == "stdout"
+        # The child's own stream, in the unit's cgroup: not copied by fastorch.
+        assert entry["_SYSTEMD_USER_UNIT"] == UNIT
+        assert entry["_PID"] != unit.props("MainPID")["MainPID"]
+    assert int(err["PRIORITY"]) < int(out["PRIORITY"])
+
+
+def _wait_messages(m: UserManager, prefix: str, count: int, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            e
+            for e in m.entries(_SYSTEMD_USER_UNIT=UNIT, _TRANSPORT="stdout")
+            if isinstance(e.get("MESSAGE"), str) and e["MESSAGE"].startswith(prefix)
+        ]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(found)} of {count} lines {prefix!r}")
+        time.sleep(0.05)
