@@ -253,6 +253,25 @@ def test_reload_applies_the_new_config_in_place(unit):
     assert [e[1] for e in unit.events() if e[0] == "stop"] == []
 
 
+def test_reload_with_a_broken_config_keeps_the_fleet(unit):
+    unit.m.systemctl("start", UNIT)
+    unit.wait_events("start", {"db", "cache", "api", "web"})
+    before = unit.props("MainPID", "NRestarts")
+    with open(unit.config, "a") as f:
+        f.write('\n[services.web2]\ncommand = ["x"]\nrestart = "sometimes"\n')
+
+    unit.m.systemctl("reload", UNIT)
+
+    (entry,) = unit.m.wait_for(
+        _SYSTEMD_USER_UNIT=UNIT, _PID=before["MainPID"], PRIORITY="3"
+    )
+    assert entry["MESSAGE"].startswith("reload refused: services.web2.restart")
+    # RELOADING=1 was answered by READY=1: the unit is back to running.
+    unit.m.wait_for_state(UNIT, ActiveState="active", SubState="running")
+    assert unit.props("MainPID", "NRestarts") == before
+    assert [e for e in unit.events() if e[0] == "stop"] == []
+
+
 def test_stop_is_ordered_and_leaves_no_process(unit):
     unit.m.systemctl("start", UNIT)
     unit.wait_events("start", {"db", "cache", "api", "web"})
