@@ -1217,46 +1217,63 @@ cdef class Engine:
     def add_dependencies(self, edges):
         """Add many edges ``(sid, on, condition)`` with one cycle check.
 
-        All or nothing: when the edges close a cycle, none is added.
+        All or nothing: when the edges close a cycle, or one of them is
+        invalid, none is added.
 
         Raises:
             CycleError: with one cycle's path.
         """
-        cdef list todo = []
-        cdef int32_t sid, on, e, i
+        cdef list items = list(edges)
+        cdef Py_ssize_t n = len(items), i, count = 0
+        cdef int32_t* added = <int32_t*>PyMem_Malloc(
+            (n + 1) * sizeof(int32_t))
+        cdef int32_t* order
+        cdef int32_t sid, on, e
         cdef int cond
-        for item in edges:
-            sid, on, cond = item
-            self._check(sid)
-            self._check(on)
-            if cond < C_STARTED or cond > C_COMPLETED:
-                raise EngineError(f"unknown condition {cond!r}")
-            if sid == on:
-                raise CycleError([self._name(sid), self._name(sid)])
-            todo.append((sid, on, cond))
-        cdef list added = []
-        for sid, on, cond in todo:
-            e = self._find_edge(sid, on)
-            if e >= 0:
+        cdef bint ok = False
+        if added == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                sid, on, cond = items[i]
+                self._check(sid)
+                self._check(on)
+                if cond < C_STARTED or cond > C_COMPLETED:
+                    raise EngineError(f"unknown condition {cond!r}")
+                if sid == on:
+                    raise CycleError([self._name(sid), self._name(sid)])
+                e = self._find_edge(sid, on)
+                if e >= 0:
+                    self._edges[e].cond = <uint8_t>cond
+                    continue
+                e = self._new_edge()
+                self._edges[e].dep = on
+                self._edges[e].owner = sid
                 self._edges[e].cond = <uint8_t>cond
-                continue
-            e = self._new_edge()
-            self._edges[e].dep = on
-            self._edges[e].owner = sid
-            self._edges[e].cond = <uint8_t>cond
-            self._edges[e].next_dep = self._svcs[sid].deps
-            self._svcs[sid].deps = e
-            self._edges[e].next_rdep = self._svcs[on].rdeps
-            self._svcs[on].rdeps = e
-            added.append(e)
-        cycle = self.find_cycle()
-        if cycle is not None:
-            for i in range(len(added) - 1, -1, -1):
-                e = added[i]
-                self._unlink_dep(e)
-                self._unlink_rdep(e)
-                self._free_edge_slot(e)
-            raise CycleError(cycle)
+                self._edges[e].next_dep = self._svcs[sid].deps
+                self._svcs[sid].deps = e
+                self._edges[e].next_rdep = self._svcs[on].rdeps
+                self._svcs[on].rdeps = e
+                added[count] = e
+                count += 1
+            order = <int32_t*>PyMem_Malloc((self._top + 1) * sizeof(int32_t))
+            if order == NULL:
+                raise MemoryError()
+            try:
+                ok = self._topo_c(order) == self._n
+            finally:
+                PyMem_Free(order)
+            if not ok:
+                raise CycleError(self.find_cycle())
+        finally:
+            if not ok:
+                # Undo in reverse: each edge is at the head of its lists.
+                for i in range(count - 1, -1, -1):
+                    e = added[i]
+                    self._unlink_dep(e)
+                    self._unlink_rdep(e)
+                    self._free_edge_slot(e)
+            PyMem_Free(added)
 
     def add_services(self, names, **options):
         """Add many services with the same options; returns their sids."""
