@@ -24,7 +24,7 @@ import sys
 import time
 from collections import deque
 
-from fastorch._core import Action, Engine, Restart, State
+from fastorch._core import Engine, Restart, State
 
 HOUR_MS = 3_600_000
 MINUTE_MS = 60_000
