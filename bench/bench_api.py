@@ -9,7 +9,10 @@ socket and measures, side by side in one run:
   per second, from an async httpx client on the same loop with a few
   concurrent connections;
 - ``/metrics`` render time (in process, median of 20) and over the socket;
-- RSS the API and metrics add (imports, app, first scrapes).
+- RSS the API and metrics add: two real ``fastorch run`` processes with
+  the same fleet, one with ``--no-api``, measured from outside after the
+  API one has served three scrapes and three full listings (measuring
+  inside the benchmark's own process would count the client's buffers).
 
 A start/stop pair costs what the supervisor does for it, mostly spawning
 and signalling; the API's own share is the GET /v1/services/NAME rate.
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,9 +38,43 @@ import uvloop
 CONCURRENCY = 4
 
 
-def rss_mib() -> float:
-    """Resident set size of this process in MiB."""
-    return psutil.Process().memory_info().rss / 2**20
+def supervisor_rss(n: int, tmp: Path) -> tuple[float, float]:
+    """RSS in MiB of ``fastorch run`` on N ``sleep`` services, without and
+    with the API (after it served three scrapes and three listings)."""
+    import httpx
+
+    socket_path = str(tmp / "rss.sock")
+    services = "".join(
+        f'[services.s{i}]\ncommand = ["sleep", "3600"]\n' for i in range(n)
+    )
+    path = tmp / "rss.toml"
+    path.write_text(
+        f'[supervisor]\napi_socket = "{socket_path}"\nlog_level = "warning"\n'
+        '[defaults.logs]\ndestination = "null"\n' + services
+    )
+    found = []
+    for no_api in (True, False):
+        argv = [sys.executable, "-m", "fastorch", "run", str(path)]
+        proc = subprocess.Popen(argv + (["--no-api"] if no_api else []))
+        try:
+            me = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 120
+            while len(me.children()) < n:
+                if time.monotonic() > deadline:
+                    raise SystemExit("fleet did not start in 120 s")
+                time.sleep(0.1)
+            if not no_api:
+                transport = httpx.HTTPTransport(uds=socket_path)
+                with httpx.Client(transport=transport, base_url="http://f") as c:
+                    for _ in range(3):
+                        c.get("/metrics").raise_for_status()
+                        c.get("/v1/services").raise_for_status()
+            time.sleep(1)
+            found.append(me.memory_info().rss / 2**20)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    return found[0], found[1]
 
 
 async def timed_rate(make, count: int) -> float:
@@ -78,7 +117,6 @@ async def main(n: int) -> None:
     # own library is loaded first: it is the benchmark's cost, not the API's.
     import httpx
 
-    before = rss_mib()
     from fastorch.api import serve
 
     server = await serve(sup)
@@ -91,7 +129,6 @@ async def main(n: int) -> None:
         exporter = server.app.state.metrics
         for _ in range(3):
             (await client.get("/metrics")).raise_for_status()
-        after = rss_mib()
 
         renders = []
         for _ in range(20):
@@ -119,7 +156,6 @@ async def main(n: int) -> None:
         list_rate = await timed_rate(list_all, 50)
         one_rate = await timed_rate(one, 500)
         pair_rate = await timed_rate(start_stop, 300)
-        rss_end = rss_mib()
     finally:
         await client.aclose()
         await server.aclose()
@@ -139,10 +175,11 @@ async def main(n: int) -> None:
         f"  /metrics over the Unix socket     "
         f"{statistics.median(over_socket) * ms:8.2f} ms"
     )
+    without, with_api = supervisor_rss(n, tmp)
     print(
-        f"  RSS added by API + metrics        {after - before:8.2f} MiB"
-        f"  (before {before:.1f}, after {after:.1f}, end {rss_end:.1f};"
-        " target <= 10 MiB)"
+        f"  RSS added by API + metrics        {with_api - without:8.2f} MiB"
+        f"  (fastorch run: {without:.1f} MiB with --no-api, {with_api:.1f} MiB"
+        " serving; target <= 10 MiB)"
     )
     print(f"  ratio list-all / get-one          {list_rate / one_rate:8.3f}")
 
