@@ -52,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_SEND_TIMEOUT_S = 1.0
 
 #: Variables the service manager hands to fastorch alone. Children must not
 #: inherit them: a child would ping fastorch's watchdog or claim its fds.
@@ -143,6 +144,9 @@ class SystemdNotifier:
             with socket.socket(
                 socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
             ) as sock:
+                # A full receive queue blocks a datagram sender; a manager
+                # that stopped reading must not freeze the event loop.
+                sock.settimeout(_SEND_TIMEOUT_S)
                 sock.sendto(data, _socket_address(self._socket_path))
         except OSError as exc:
             # A manager that went away must not take the supervisor down.

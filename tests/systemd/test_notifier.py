@@ -191,3 +191,18 @@ def test_library_is_not_used_for_another_environment(monkeypatch, path_receiver)
 
 def test_module_exports():
     assert set(systemd.__all__) <= set(dir(systemd))
+
+
+def test_a_receiver_that_stopped_reading_does_not_block_forever(
+    path_receiver, monkeypatch
+):
+    monkeypatch.setattr(systemd, "_SEND_TIMEOUT_S", 0.05)
+    n = SystemdNotifier({"NOTIFY_SOCKET": path_receiver.address})
+    # The kernel queues a bounded number of datagrams per receiver
+    # (net.unix.max_dgram_qlen); past it a send would block.
+    deadline = time.monotonic() + 10
+    while n.notify("WATCHDOG=1"):
+        assert time.monotonic() < deadline, "the queue never filled"
+    t0 = time.monotonic()
+    assert n.notify("READY=1") is False
+    assert time.monotonic() - t0 < 1.0
