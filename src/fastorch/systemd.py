@@ -49,7 +49,7 @@ __all__ = [
     "setup_logging",
 ]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _SEND_TIMEOUT_S = 1.0
@@ -150,7 +150,7 @@ class SystemdNotifier:
                 sock.sendto(data, _socket_address(self._socket_path))
         except OSError as exc:
             # A manager that went away must not take the supervisor down.
-            log.debug("sd_notify to %s failed: %s", self._socket_path, exc)
+            logger.debug("sd_notify to %s failed: %s", self._socket_path, exc)
             return False
         return True
 
@@ -421,4 +421,6 @@ def setup_logging(
     root.setLevel(levelno)
     _installed = handler
     if target == "journal" and isinstance(handler, logging.StreamHandler):
-        log.warning("journal socket %s unreachable, logging to stderr", journal_socket)
+        logger.warning(
+            "journal socket %s unreachable, logging to stderr", journal_socket
+        )
