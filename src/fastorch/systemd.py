@@ -44,6 +44,7 @@ __all__ = [
     "MANAGER_ENV_VARS",
     "JournalHandler",
     "SystemdNotifier",
+    "encode_journal_fields",
     "journal_available",
     "scrub_environ",
     "setup_logging",
