@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from fastorch import config as configmod
-from fastorch._core import Action, Condition, Engine, Probe, Reason, State
+from fastorch._core import (
+    MAX_DURATION_MS,
+    Action,
+    Condition,
+    Engine,
+    Probe,
+    Reason,
+    State,
+)
 from fastorch.errors import (
     ConfigError,
     EngineError,
@@ -508,8 +516,10 @@ class Supervisor:
         if svc is None:
             return
         self._advance_clock()
-        self._feed(self.engine.probe_result(sid, probe, seq, ok))
         if self._subscribers:
+            # Subscribers see cause before effect: timers that came due
+            # first, then this result, then the transition it causes.
+            self._feed([])
             self._publish(
                 {
                     "event": "probe",
@@ -520,6 +530,7 @@ class Supervisor:
                     "time": time.time(),
                 }
             )
+        self._feed(self.engine.probe_result(sid, probe, seq, ok))
 
     def _on_notify_message(self, sid: int, fields: dict[str, str]) -> None:
         svc = self._services.get(sid)
@@ -529,9 +540,16 @@ class Supervisor:
         actions: list[tuple[int, ...]] = []
         if "STATUS" in fields:
             svc.status_text = fields["STATUS"]
-        if fields.get("WATCHDOG_USEC", "").isdigit():
-            ms = max(1, int(fields["WATCHDOG_USEC"]) // 1000)
-            actions += self.engine.set_watchdog(sid, ms)
+        if "WATCHDOG_USEC" in fields:
+            ms = _watchdog_ms(fields["WATCHDOG_USEC"])
+            if ms is None:
+                logger.warning(
+                    "service %s: ignoring WATCHDOG_USEC=%r",
+                    svc.name,
+                    fields["WATCHDOG_USEC"][:40],
+                )
+            else:
+                actions += self.engine.set_watchdog(sid, ms)
         if fields.get("READY") == "1":
             actions += self.engine.notify_ready(sid)
         if fields.get("WATCHDOG") == "1":
@@ -996,6 +1014,22 @@ def _to_builtins(obj: Any) -> Any:
         return msgspec.to_builtins(obj)
     except (ImportError, TypeError):
         return repr(obj)
+
+
+def _watchdog_ms(value: str) -> int | None:
+    """A child's WATCHDOG_USEC= in whole ms; None when it is not a number.
+
+    As under systemd, 0 and USEC_INFINITY turn the watchdog off. A value
+    below a millisecond rounds up to one (the engine's tick), and a value
+    past the engine's horizon is cut to it.
+    """
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    usec = int(value)
+    if usec == 0 or usec >= 2**64 - 1:  # USEC_INFINITY
+        return 0
+    return min(MAX_DURATION_MS, -(-usec // 1000))
 
 
 def _seconds(cfg: Any, attr: str, default: float) -> float:
