@@ -127,6 +127,22 @@ class Fleet:
         return self.m.show(UNIT, *names)
 
 
+def unit_drop_in(config: str, pythonpath: str) -> str:
+    return textwrap.dedent(
+        f"""\
+        [Service]
+        ExecStart=
+        ExecStart={sys.executable} -m fastorch run {config}
+        Environment=FASTORCH_TEST_HOOKS=1 PYTHONPATH={pythonpath}
+        WatchdogSec=2s
+        RestartSec=200ms
+        TimeoutStartSec=30s
+        TimeoutStopSec=30s
+        LimitCORE=0
+        """
+    )
+
+
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
     reason = skip_reason()
@@ -136,23 +152,7 @@ def fleet() -> Iterator[Fleet]:
         f = Fleet(m)
         f.write_config()
         m.link(UNIT_FILE)
-        m.drop_in(
-            UNIT,
-            "50-test",
-            textwrap.dedent(
-                f"""\
-                [Service]
-                ExecStart=
-                ExecStart={sys.executable} -m fastorch run {f.config}
-                Environment=FASTORCH_TEST_HOOKS=1 PYTHONPATH={REPO}/src
-                WatchdogSec=2s
-                RestartSec=200ms
-                TimeoutStartSec=30s
-                TimeoutStopSec=30s
-                LimitCORE=0
-                """
-            ),
-        )
+        m.drop_in(UNIT, "50-test", unit_drop_in(f.config, f"{REPO}/src"))
         yield f
 
 
@@ -383,3 +383,39 @@ def _wait_messages(m: UserManager, prefix: str, count: int, timeout: float = 10.
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(found)} of {count} lines {prefix!r}")
         time.sleep(0.05)
+
+
+def test_own_protocol_code_satisfies_the_manager(unit):
+    # A "systemd" package that fails to import, ahead of systemd-python on
+    # the path, makes fastorch use its own sd_notify sender.
+    shim = os.path.join(unit.root, "no-systemd-python")
+    os.makedirs(os.path.join(shim, "systemd"), exist_ok=True)
+    with open(os.path.join(shim, "systemd", "__init__.py"), "w") as f:
+        f.write("raise ImportError('systemd-python hidden for this test')\n")
+    probe = "import fastorch.systemd as s; assert s._sd_daemon is None"
+    env = {**os.environ, "PYTHONPATH": f"{shim}:{REPO}/src"}
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=30)
+    path = unit.m.drop_in(
+        UNIT, "60-no-library", unit_drop_in(unit.config, env["PYTHONPATH"])
+    )
+    try:
+        unit.m.systemctl("start", UNIT)
+        props = unit.props("SubState", "StatusText", "MainPID")
+        assert props["SubState"] == "running"
+        assert props["StatusText"] == "4/4 ready, 0 starting, 0 failed"
+        environ = unit.m.run(["cat", f"/proc/{props['MainPID']}/environ"]).stdout
+        assert f"PYTHONPATH={shim}:" in environ
+
+        # Pings keep it alive past WatchdogSec=2s.
+        time.sleep(3.0)
+        assert unit.props("NRestarts", "MainPID", "SubState") == {
+            "NRestarts": "0",
+            "MainPID": props["MainPID"],
+            "SubState": "running",
+        }
+
+        unit.m.systemctl("stop", UNIT)
+        assert unit.props("Result")["Result"] == "success"
+    finally:
+        os.unlink(path)
+        unit.m.systemctl("daemon-reload")
