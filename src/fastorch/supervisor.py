@@ -43,6 +43,7 @@ from fastorch.errors import (
 )
 from fastorch.events import Subscription
 from fastorch.process import ProcessTable
+from fastorch.systemd import MANAGER_ENV_VARS
 
 __all__ = ["Supervisor", "SupervisorStats", "MESSAGE_IDS"]
 
@@ -76,6 +77,24 @@ class SupervisorStats:
     # Event-loop lag samples in seconds, newest last.
     loop_lag: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
     probe_durations: Any = None
+
+
+_ALIVE = frozenset((State.RUNNING, State.READY, State.UNHEALTHY, State.STOPPING))
+# Transitions that answer a failure fastorch handles (it restarts, or marks
+# the service unhealthy): WARNING. Giving up (FAILED) is an ERROR.
+_HANDLED_FAILURES = frozenset(
+    (Reason.LIVENESS_FAILED, Reason.WATCHDOG, Reason.START_TIMEOUT, Reason.PROBE_FAILED)
+)
+
+
+def _log_level(old: State, new: State, why: Reason) -> int:
+    if new == State.FAILED:
+        return logging.ERROR
+    if why in _HANDLED_FAILURES or (
+        why == Reason.EXITED and old in _ALIVE and new == State.BACKOFF
+    ):
+        return logging.WARNING
+    return logging.INFO
 
 
 @dataclass(slots=True)
@@ -406,6 +425,10 @@ class Supervisor:
         self.stats.spawns += 1
         svc.pid = pid
         svc.status_text = ""
+        # A start of many services spawns them one after the other: count
+        # initial_delay, watchdog and start_timeout from this spawn, not
+        # from the event that began the batch.
+        self._advance_clock()
         self._queue.extend(self.engine.spawned(sid, pid))
 
     def _child_env(self, svc: _Service) -> dict[str, str]:
@@ -430,7 +453,8 @@ class Supervisor:
         base = self._env_bases.get(key)
         if base is None:
             base = dict(os.environ)
-            for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            # What systemd handed to fastorch itself is not the child's.
+            for name in MANAGER_ENV_VARS:
                 base.pop(name, None)
             base.update(extra)
             self._env_bases[key] = base
@@ -465,8 +489,18 @@ class Supervisor:
         svc.since = now
         svc.reason = why.name.lower()
         self.stats.transitions += 1
-        level = logging.ERROR if new == State.FAILED else logging.INFO
+        level = _log_level(old, new, why)
         if logger.isEnabledFor(level):
+            fields = {
+                "FASTORCH_SERVICE": svc.name,
+                "FASTORCH_FROM": old.name.lower(),
+                "FASTORCH_TO": new.name.lower(),
+                "FASTORCH_PID": svc.pid,
+                "MESSAGE_ID": MESSAGE_IDS[why],
+            }
+            if old in _ALIVE and new not in _ALIVE:
+                # The process is gone: say how it ended.
+                fields["FASTORCH_EXIT"] = self.engine.counters(sid)[3]
             logger.log(
                 level,
                 "service %s: %s -> %s (%s)",
@@ -474,13 +508,7 @@ class Supervisor:
                 old.name.lower(),
                 new.name.lower(),
                 svc.reason,
-                extra={
-                    "FASTORCH_SERVICE": svc.name,
-                    "FASTORCH_FROM": old.name.lower(),
-                    "FASTORCH_TO": new.name.lower(),
-                    "FASTORCH_PID": svc.pid,
-                    "MESSAGE_ID": MESSAGE_IDS[why],
-                },
+                extra=fields,
             )
         self._publish(
             {
