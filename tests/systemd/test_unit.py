@@ -277,6 +277,7 @@ def test_stop_is_ordered_and_leaves_no_process(unit):
     unit.wait_events("start", {"db", "cache", "api", "web"})
     pids = unit.m.unit_pids(UNIT)
     assert len(pids) == 5  # fastorch and its four children
+    main_pid = unit.props("MainPID")["MainPID"]
 
     unit.m.systemctl("stop", UNIT)
 
@@ -288,6 +289,15 @@ def test_stop_is_ordered_and_leaves_no_process(unit):
     assert sorted(stops) == ["api", "cache", "db", "web"]
     assert [p for p in pids if _alive(p)] == []
     assert unit.m.unit_pids(UNIT) == []
+    # The transition that ended web's process says how it ended.
+    (entry,) = unit.m.wait_for(
+        _SYSTEMD_USER_UNIT=UNIT,
+        _PID=main_pid,
+        FASTORCH_SERVICE="web",
+        FASTORCH_TO="stopped",
+    )
+    assert entry["FASTORCH_FROM"] == "stopping"
+    assert int(entry["FASTORCH_EXIT"]) in (0, -15)
 
 
 def test_hung_loop_is_killed_by_the_watchdog_and_restarted(unit):
