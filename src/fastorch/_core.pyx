@@ -25,6 +25,17 @@ cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil
     int __builtin_clzll(unsigned long long) nogil
 
+# A debug build (FASTORCH_DEBUG=1 python setup.py build_ext, see setup.py)
+# checks every invariant after every event; a normal build compiles the
+# check away.
+cdef extern from *:
+    """
+    #ifndef FASTORCH_DEBUG
+    #define FASTORCH_DEBUG 0
+    #endif
+    """
+    const bint FASTORCH_DEBUG
+
 
 # ---------------------------------------------------------------------------
 # Public enums. Inside, the same values are plain C integers.
@@ -1569,6 +1580,12 @@ cdef class Engine:
 
     # -- transitions --------------------------------------------------------
 
+    cdef inline list _done(self):
+        """The actions of the event just handled."""
+        if FASTORCH_DEBUG:
+            self.check_invariants()
+        return self._out
+
     cdef int _set(self, int32_t sid, uint8_t to, uint8_t reason) except -1:
         cdef Svc* v = &self._svcs[sid]
         cdef uint8_t frm = v.state
@@ -1795,7 +1812,7 @@ cdef class Engine:
         self._out = []
         for x in self._closure(sids, False, False):
             self._start_one(x, all_named or x in named)
-        return self._out
+        return self._done()
 
     def start(self, sids):
         """Start services (an sid or an iterable) and, transitively, the
@@ -1813,7 +1830,7 @@ cdef class Engine:
         for x in self._closure(sids, False, False):
             if self._svcs[x].state != ST_COMPLETED:
                 self._start_one(x, False)
-        return self._out
+        return self._done()
 
     cdef list _run_stop(self, list sids, bint keep):
         cdef int32_t x
@@ -1845,7 +1862,7 @@ cdef class Engine:
             elif st == ST_STARTING or _is_alive(st):
                 v.flags |= F_STOP_PENDING
                 self._try_stop(x)
-        return self._out
+        return self._done()
 
     def stop(self, sids):
         """Stop services and everything that depends on them, dependents
@@ -1895,7 +1912,7 @@ cdef class Engine:
             v.flags |= F_STOP_PENDING
         if v.flags & F_STOP_PENDING:
             self._try_stop(sid)
-        return self._out
+        return self._done()
 
     def spawn_failed(self, int32_t sid):
         """The process of a STARTING service could not be started."""
@@ -1908,7 +1925,7 @@ cdef class Engine:
         v.flags &= ~(F_WANTED | F_STOP_PENDING)
         # STARTING -> FAILED: spawn failed
         self._set(sid, ST_FAILED, RS_SPAWN_FAILED)
-        return self._out
+        return self._done()
 
     def exited(self, int32_t sid, int32_t status):
         """The process exited; ``status`` is its code, or -signo."""
@@ -1949,7 +1966,7 @@ cdef class Engine:
                 v.flags &= ~F_WANTED
                 # -> FAILED: policy gives up
                 self._set(sid, ST_FAILED, RS_EXITED)
-        return self._out
+        return self._done()
 
     def probe_result(self, int32_t sid, int probe, int32_t seq, ok):
         """A probe run finished; stale results (old seq) are ignored."""
@@ -1959,12 +1976,12 @@ cdef class Engine:
         self._out = []
         if probe == 0:
             if not (v.flags & F_READY_INFLIGHT) or seq != v.ready_seq:
-                return self._out
+                return self._done()
             t = v.t_ready
             v.t_ready = -1
         elif probe == 1:
             if not (v.flags & F_LIVE_INFLIGHT) or seq != v.live_seq:
-                return self._out
+                return self._done()
             t = v.t_live
             v.t_live = -1
         else:
@@ -1972,7 +1989,7 @@ cdef class Engine:
         cdef int64_t started = self._probe_started(sid, probe, t)
         self._wheel._remove(t)
         self._probe_done(sid, probe, bool(ok), started)
-        return self._out
+        return self._done()
 
     cdef int64_t _probe_started(self, int32_t sid, int probe,
                                 int32_t timer) noexcept:
@@ -2028,7 +2045,7 @@ cdef class Engine:
                 self._specs[v.spec].flags & SF_READY_NOTIFY):
             v.flags |= F_GATE_NOTIFY
             self._update_ready(sid, RS_NOTIFY_READY)
-        return self._out
+        return self._done()
 
     def notify_watchdog(self, int32_t sid):
         """WATCHDOG=1 from the child: push the watchdog deadline back."""
@@ -2041,7 +2058,7 @@ cdef class Engine:
             self._wheel._remove(v.t_watchdog)
             v.t_watchdog = self._arm(sid, K_WATCHDOG,
                                      self._wheel._now_ms + wd)
-        return self._out
+        return self._done()
 
     def set_watchdog(self, int32_t sid, int64_t watchdog_ms):
         """WATCHDOG_USEC= from the child: a new interval, armed now."""
@@ -2055,7 +2072,7 @@ cdef class Engine:
             if watchdog_ms:
                 v.t_watchdog = self._arm(sid, K_WATCHDOG,
                                          self._wheel._now_ms + watchdog_ms)
-        return self._out
+        return self._done()
 
     def advance(self, int64_t now):
         """Move time to ``now`` (ms) and act on every timer due."""
@@ -2067,7 +2084,7 @@ cdef class Engine:
         while True:
             idx = self._wheel._pop(now)
             if idx < 0:
-                return self._out
+                return self._done()
             payload = self._wheel._timers[idx].payload
             deadline = (self._wheel._timers[idx].deadline
                         * self._wheel._tick_ms)
