@@ -63,6 +63,7 @@ class Tree:
     running: dict[int, int] = field(default_factory=dict)
     execs: list[tuple[int, int]] = field(default_factory=list)
     exits: dict[int, int] = field(default_factory=dict)
+    forks: dict[int, int] = field(default_factory=dict)
     root_exit_ns: int | None = None
 
     def helpers(self) -> list[int]:
@@ -205,6 +206,7 @@ class ProcWatch:
                 if tree is None:
                     return
             tree.members.add(pid)
+            tree.forks[pid] = ts
             self._owner[pid] = tree
         elif what == PROC_EVENT_EXEC:
             pid, tgid = _EXEC.unpack_from(data, at)

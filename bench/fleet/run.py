@@ -195,6 +195,9 @@ def summarize(result: dict[str, Any]) -> None:
         result["start_s"] = statistics.median(result["start_samples_s"])
     if result["stop_samples_s"]:
         result["stop_s"] = statistics.median(result["stop_samples_s"])
+    if result.get("stop_services_samples_s"):
+        down = result["stop_services_samples_s"]
+        result["stop_services_s"] = statistics.median(down)
 
 
 def one_cycle(
@@ -241,7 +244,8 @@ def one_cycle(
         if full:
             measure_idle(watch, driver, tree, n, args, result)
 
-        result["stop_samples_s"].append(stop_all(watch, driver, proc, tree, args))
+        stop_s = stop_all(watch, driver, proc, tree, args, result)
+        result["stop_samples_s"].append(stop_s)
         proc.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     except Exception as exc:
@@ -281,6 +285,7 @@ def crash_latencies(
     """SIGKILL one service at a time; time until a replacement exec'd."""
     kills = args.slow_kills if driver.slow else args.kills
     samples: list[float] = []
+    forked: list[float] = []
     for _ in range(kills):
         # A random phase against the supervisor's own poll, if it has one.
         time.sleep(0.01 + random.uniform(0.0, driver.poll_period_s or 0.02))
@@ -293,11 +298,16 @@ def crash_latencies(
         os.kill(victim, signal.SIGKILL)
         if not watch.wait(lambda b=before: len(tree.execs) > b, args.kill_timeout):
             raise RuntimeError(f"no respawn within {args.kill_timeout} s")
-        samples.append((tree.execs[before][0] - t_kill) / 1e6)
+        exec_ns, pid = tree.execs[before]
+        samples.append((exec_ns - t_kill) / 1e6)
+        # Where the time went: noticing the exit (up to the fork) or spawning.
+        forked.append((tree.forks.get(pid, exec_ns) - t_kill) / 1e6)
     if not samples:
         return {}
     return {
         "crash_ms": samples,
+        "crash_fork_ms": forked,
+        "crash_fork_med_ms": statistics.median(forked),
         "crash_med_ms": statistics.median(samples),
         "crash_p95_ms": percentile(samples, 0.95),
     }
@@ -309,6 +319,7 @@ def stop_all(
     proc: subprocess.Popen[bytes],
     tree: Tree,
     args: argparse.Namespace,
+    stats: dict[str, Any],
 ) -> float:
     """SIGTERM the supervisor; seconds until it and all services exited."""
     with watch.lock:
@@ -323,7 +334,12 @@ def stop_all(
     )
     if not done:
         raise RuntimeError(f"not stopped within {args.stop_timeout} s")
-    end = max([tree.root_exit_ns or 0, *(tree.exits[p] for p in services)])
+    last_service = max(tree.exits[p] for p in services)
+    end = max(tree.root_exit_ns or 0, last_service)
+    # How much of it is the supervisor's own exit after the last service.
+    stats.setdefault("stop_services_samples_s", []).append(
+        (last_service - t_stop) / 1e9
+    )
     return (end - t_stop) / 1e9
 
 
@@ -344,10 +360,11 @@ def table(results: list[dict[str, Any]]) -> str:
     small = sizes[0]
     head = (
         "| N | supervisor | start all s | vs limit | crash->running "
-        "median ms | p95 ms | vs limit | stop all s | vs limit | RSS MiB "
-        "| KiB/service | CPU s / 20 s idle | load |"
+        "median ms | p95 ms | vs limit | of it, kill->fork ms | stop all s "
+        "| vs limit | of it, services down s | RSS MiB | KiB/service "
+        "| CPU s / 20 s idle | load |"
     )
-    rows = [head, "|" + "---|" * 13]
+    rows = [head, "|" + "---|" * 15]
     for r in results:
         base = by_key.get((LIMIT, r["n"]), {})
         first = by_key.get((r["peer"], small), {})
@@ -363,8 +380,10 @@ def table(results: list[dict[str, Any]]) -> str:
             fmt(r.get("crash_med_ms"), ".2f"),
             fmt(r.get("crash_p95_ms"), ".2f"),
             ratio(r.get("crash_med_ms"), base.get("crash_med_ms")),
+            fmt(r.get("crash_fork_med_ms"), ".2f"),
             fmt(r.get("stop_s"), ".2f"),
             ratio(r.get("stop_s"), base.get("stop_s")),
+            fmt(r.get("stop_services_s"), ".2f"),
             fmt(None if rss is None else rss / 2**20, ".1f"),
             fmt(per_svc, ".1f"),
             fmt(r.get("idle_cpu_s"), ".3f"),
