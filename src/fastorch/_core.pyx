@@ -841,8 +841,12 @@ cdef class Engine:
 
     # -- memory -------------------------------------------------------------
 
-    cdef int _grow_svcs(self) except -1:
-        cdef int32_t cap = self._cap * 2 if self._cap else 64
+    cdef int _grow_svcs(self, int32_t want=0) except -1:
+        # Grow by half: a fleet's arrays are long-lived, and doubling would
+        # leave up to half of them unused for good.
+        cdef int32_t cap = self._cap + (self._cap >> 1) if self._cap else 64
+        if cap < want:
+            cap = want
         cdef Svc* s = <Svc*>PyMem_Realloc(self._svcs, cap * sizeof(Svc))
         if s == NULL:
             raise MemoryError()
@@ -856,20 +860,29 @@ cdef class Engine:
         self._cap = cap
         return 0
 
-    cdef int32_t _new_edge(self) except -1:
-        cdef int32_t cap, i
+    cdef int _grow_edges(self, int32_t want) except -1:
+        cdef int32_t cap = self._edge_cap + (self._edge_cap >> 1)
+        cdef int32_t i
         cdef Edge* e
+        if cap < 64:
+            cap = 64
+        if cap < want:
+            cap = want
+        e = <Edge*>PyMem_Realloc(self._edges, cap * sizeof(Edge))
+        if e == NULL:
+            raise MemoryError()
+        self._edges = e
+        for i in range(cap - 1, self._edge_cap - 1, -1):
+            e[i].next_dep = self._free_edge
+            e[i].owner = -1
+            self._free_edge = i
+        self._edge_cap = cap
+        return 0
+
+    cdef int32_t _new_edge(self) except -1:
+        cdef int32_t i
         if self._free_edge < 0:
-            cap = self._edge_cap * 2 if self._edge_cap else 64
-            e = <Edge*>PyMem_Realloc(self._edges, cap * sizeof(Edge))
-            if e == NULL:
-                raise MemoryError()
-            self._edges = e
-            for i in range(cap - 1, self._edge_cap - 1, -1):
-                e[i].next_dep = self._free_edge
-                e[i].owner = -1
-                self._free_edge = i
-            self._edge_cap = cap
+            self._grow_edges(0)
         i = self._free_edge
         self._free_edge = self._edges[i].next_dep
         self._nedges += 1
@@ -1244,6 +1257,8 @@ cdef class Engine:
         cdef bint ok = False
         if added == NULL:
             raise MemoryError()
+        if self._nedges + n > self._edge_cap:
+            self._grow_edges(self._nedges + n)
         try:
             for i in range(n):
                 sid, on, cond = items[i]
@@ -1290,6 +1305,11 @@ cdef class Engine:
         """Add many services with the same options; returns their sids."""
         cdef list out = []
         cdef uint32_t spec = self._intern_spec(_spec_key(options))
+        if not isinstance(names, (list, tuple)):
+            names = list(names)
+        # Room for all at once: a config load knows its size.
+        if self._free_sid < 0 and self._top + len(names) > self._cap:
+            self._grow_svcs(self._top + len(names))
         for name in names:
             out.append(self._add(name, spec))
         return out
@@ -1565,6 +1585,44 @@ cdef class Engine:
         keyed.sort()
         return [k[1] for k in keyed]
 
+    cdef list _deps_first(self, list sids):
+        """The sids and their transitive dependencies, each after all of
+        its dependencies (a depth-first post-order: O(what it visits))."""
+        cdef uint32_t epoch = self._next_epoch()
+        cdef int32_t* node = <int32_t*>PyMem_Malloc(
+            (2 * self._top + 1) * sizeof(int32_t))
+        cdef int32_t* cursor
+        cdef int32_t top, x, e, d
+        cdef list out = []
+        if node == NULL:
+            raise MemoryError()
+        cursor = node + self._top
+        try:
+            for x in sids:
+                self._check(x)
+                if self._mark[x] == epoch:
+                    continue
+                self._mark[x] = epoch
+                node[0] = x
+                cursor[0] = self._svcs[x].deps
+                top = 1
+                while top:
+                    e = cursor[top - 1]
+                    if e < 0:
+                        top -= 1
+                        out.append(node[top])
+                        continue
+                    cursor[top - 1] = self._edges[e].next_dep
+                    d = self._edges[e].dep
+                    if self._mark[d] != epoch:
+                        self._mark[d] = epoch
+                        node[top] = d
+                        cursor[top] = self._svcs[d].deps
+                        top += 1
+            return out
+        finally:
+            PyMem_Free(node)
+
     def stop_order(self, sids=None):
         """The services and all their transitive dependents, each listed
         before its dependencies. None means every service."""
@@ -1810,7 +1868,7 @@ cdef class Engine:
         cdef set named = set(sids)
         cdef int32_t x
         self._out = []
-        for x in self._closure(sids, False, False):
+        for x in self._deps_first(sids):
             self._start_one(x, all_named or x in named)
         return self._done()
 
@@ -1827,7 +1885,7 @@ cdef class Engine:
             and self._specs[self._svcs[s].spec].flags & SF_AUTOSTART]
         cdef int32_t x
         self._out = []
-        for x in self._closure(sids, False, False):
+        for x in self._deps_first(sids):
             if self._svcs[x].state != ST_COMPLETED:
                 self._start_one(x, False)
         return self._done()
