@@ -161,6 +161,7 @@ cdef enum:
     F_GATE_PROBE = 16
     F_READY_INFLIGHT = 32
     F_LIVE_INFLIGHT = 64
+    F_HAS_EXITED = 128
 
 # Spec flags.
 cdef enum:
@@ -581,7 +582,6 @@ cdef struct Svc:
     uint32_t restarts
     uint32_t spec
     uint32_t probe_failures
-    uint32_t watchdog             # ms, 0 = the spec's
     int32_t t_life                # backoff, stop or start timeout
     int32_t t_ready
     int32_t t_live
@@ -591,24 +591,37 @@ cdef struct Svc:
     uint32_t name_off
     uint16_t name_len
     uint16_t starts               # in the start-limit window
-    uint16_t ready_ok
-    uint16_t ready_fail
-    uint16_t live_fail
     uint16_t ready_seq
     uint16_t live_seq
     uint16_t flags
+    uint8_t ready_ok              # consecutive; thresholds are <= 255
+    uint8_t ready_fail
+    uint8_t live_fail
     uint8_t state
     uint8_t backoff_count
     uint8_t reason
-    uint8_t has_exited
 
 
-cdef struct Edge:
-    int32_t dep                   # the service depended on
-    int32_t owner                 # the dependent
-    int32_t next_dep              # next edge of owner's dependencies
-    int32_t next_rdep             # next edge of dep's dependents
-    uint8_t cond
+# An edge is 16 bytes: the condition shares a word with the dependency's
+# sid (sids stay below 2**29), a C bitfield Cython cannot declare itself.
+cdef extern from *:
+    """
+    typedef struct {
+        int32_t dep : 30;     /* the service depended on */
+        uint32_t cond : 2;
+        int32_t owner;        /* the dependent */
+        int32_t next_dep;     /* next edge of owner's dependencies */
+        int32_t next_rdep;    /* next edge of dep's dependents */
+    } fastorch_edge;
+    """
+    ctypedef struct Edge "fastorch_edge":
+        int32_t dep
+        uint8_t cond
+        int32_t owner
+        int32_t next_dep
+        int32_t next_rdep
+
+cdef int32_t _MAX_SERVICES = (1 << 29) - 1
 
 
 cdef enum:
@@ -704,8 +717,8 @@ def _probe_key(str what, object spec):
         _duration(what + ".initial_delay_ms", delay),
         _duration(what + ".period_ms", period, 1),
         _duration(what + ".timeout_ms", timeout, 1),
-        _count(what + ".success_threshold", success, 1, 65535),
-        _count(what + ".failure_threshold", failure, 1, 65535),
+        _count(what + ".success_threshold", success, 1, 255),
+        _count(what + ".failure_threshold", failure, 1, 255),
     )
 
 
@@ -795,6 +808,7 @@ cdef class Engine:
     cdef uint64_t _rng
     cdef int64_t _counts[N_STATES]
     cdef list _out
+    cdef dict _watchdog           # sid -> ms, set by WATCHDOG_USEC=
 
     def __cinit__(self, int64_t now=0, uint64_t seed=0, int64_t tick_ms=1):
         self._wheel = TimerWheel(now, tick_ms)
@@ -829,6 +843,7 @@ cdef class Engine:
             self._rng = 1
         memset(self._counts, 0, sizeof(self._counts))
         self._out = []
+        self._watchdog = {}
         self._rehash(64)
 
     def __dealloc__(self):
@@ -1070,6 +1085,8 @@ cdef class Engine:
             sid = self._free_sid
             self._free_sid = self._svcs[sid].deps
         else:
+            if self._top >= _MAX_SERVICES:
+                raise EngineError(f"at most {_MAX_SERVICES} services")
             if self._top == self._cap:
                 self._grow_svcs()
             sid = self._top
@@ -1139,6 +1156,7 @@ cdef class Engine:
         self._lookup(self._arena + v.name_off, v.name_len, &slot)
         self._hash[slot] = HASH_TOMB
         self._counts[v.state] -= 1
+        self._watchdog.pop(sid, None)
         v.state = ST_FREE
         v.deps = self._free_sid
         self._free_sid = sid
@@ -1958,7 +1976,7 @@ cdef class Engine:
             v.t_ready = self._arm(sid, K_READINESS, now + sp.r_delay)
         if sp.flags & SF_LIVENESS:
             v.t_live = self._arm(sid, K_LIVENESS, now + sp.l_delay)
-        wd = v.watchdog if v.watchdog else sp.watchdog
+        wd = self._watchdog.get(sid, sp.watchdog)
         if wd:
             v.t_watchdog = self._arm(sid, K_WATCHDOG, now + wd)
         gated = sp.flags & (SF_ONESHOT | SF_READINESS | SF_READY_NOTIFY)
@@ -1998,7 +2016,7 @@ cdef class Engine:
         self._out = []
         v.pid = 0
         v.last_exit = status
-        v.has_exited = 1
+        v.flags |= F_HAS_EXITED
         self._quiet(sid)
         failed_stop = v.flags & F_FAIL_ON_EXIT
         v.flags &= ~(F_FAIL_ON_EXIT | F_STOP_PENDING)
@@ -2068,14 +2086,14 @@ cdef class Engine:
             v.t_ready = self._arm(sid, K_READINESS, nxt if nxt > now else now)
             if ok:
                 v.ready_fail = 0
-                if v.ready_ok < 65535:
+                if v.ready_ok < 255:
                     v.ready_ok += 1
                 if v.ready_ok >= sp.r_success:
                     v.flags |= F_GATE_PROBE
             else:
                 v.ready_ok = 0
                 v.probe_failures += 1
-                if v.ready_fail < 65535:
+                if v.ready_fail < 255:
                     v.ready_fail += 1
                 if v.ready_fail >= sp.r_failure:
                     v.flags &= ~F_GATE_PROBE
@@ -2088,7 +2106,7 @@ cdef class Engine:
                 v.live_fail = 0
             else:
                 v.probe_failures += 1
-                if v.live_fail < 65535:
+                if v.live_fail < 255:
                     v.live_fail += 1
                 if v.live_fail >= sp.l_failure:
                     self._fail_stop(sid, RS_LIVENESS_FAILED)
@@ -2112,7 +2130,7 @@ cdef class Engine:
         cdef uint32_t wd
         self._out = []
         if v.t_watchdog >= 0 and _is_alive(v.state):
-            wd = v.watchdog if v.watchdog else self._specs[v.spec].watchdog
+            wd = self._watchdog.get(sid, self._specs[v.spec].watchdog)
             self._wheel._remove(v.t_watchdog)
             v.t_watchdog = self._arm(sid, K_WATCHDOG,
                                      self._wheel._now_ms + wd)
@@ -2124,7 +2142,11 @@ cdef class Engine:
         _duration("watchdog_ms", watchdog_ms)
         cdef Svc* v = &self._svcs[sid]
         self._out = []
-        v.watchdog = <uint32_t>watchdog_ms
+        # A per-service override is rare: a dict, not a field of every Svc.
+        if watchdog_ms:
+            self._watchdog[sid] = watchdog_ms
+        else:
+            self._watchdog.pop(sid, None)
         if _is_alive(v.state):
             self._disarm(&v.t_watchdog)
             if watchdog_ms:
@@ -2219,7 +2241,7 @@ cdef class Engine:
             state=State(v.state),
             pid=v.pid,
             restarts=v.restarts,
-            last_exit=v.last_exit if v.has_exited else None,
+            last_exit=v.last_exit if v.flags & F_HAS_EXITED else None,
             readiness_failures=v.ready_fail,
             liveness_failures=v.live_fail,
             probe_failures_total=v.probe_failures,
