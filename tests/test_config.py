@@ -859,3 +859,35 @@ def test_config_is_a_msgspec_struct_that_encodes() -> None:
     assert isinstance(cfg, Config)
     data = msgspec.json.decode(msgspec.json.encode(cfg.services["web"]))
     assert data["depends_on"] == [["db", "started"]]
+
+
+def test_backoff_max_below_initial_is_refused_even_through_defaults():
+    text = """
+[defaults]
+backoff = { initial = "40s" }
+[services.a]
+command = ["true"]
+[services.b]
+command = ["true"]
+backoff = { initial = "1s", max = "500ms" }
+"""
+    with pytest.raises(ConfigError) as info:
+        config.loads(text)
+    paths = [path for path, _ in info.value.problems]
+    assert paths == ["services.a.backoff.max", "services.b.backoff.max"]
+
+
+def test_limits_the_engine_counts_in_are_checked():
+    text = """
+[services.a]
+command = ["true"]
+start_limit = { burst = 70000 }
+readiness = { tcp = "127.0.0.1:1", success_threshold = 256 }
+"""
+    with pytest.raises(ConfigError) as info:
+        config.loads(text)
+    paths = sorted(path for path, _ in info.value.problems)
+    assert paths == [
+        "services.a.readiness.success_threshold",
+        "services.a.start_limit.burst",
+    ]

@@ -296,7 +296,7 @@ class ConfigDiff(Struct, frozen=True):
 
 # -- the input: TOML-shaped tables ---------------------------------------------
 
-_Threshold = Annotated[int, Meta(ge=1)]
+_Threshold = Annotated[int, Meta(ge=1, le=255)]  # the engine counts in 8 bits
 _Count = Annotated[int, Meta(ge=0)]
 _ExitCode = Annotated[int, Meta(ge=0, le=255)]
 _Status = Annotated[int, Meta(ge=100, le=599)]
@@ -333,7 +333,7 @@ class _RawBackoff(_Table):
 
 
 class _RawStartLimit(_Table):
-    burst: _Count | UnsetType = UNSET
+    burst: Annotated[int, Meta(ge=0, le=65535)] | UnsetType = UNSET
     interval: Duration | UnsetType = UNSET
 
 
@@ -747,6 +747,21 @@ def _check_table(
             _check_probe(probe, _join(path, key), problems)
 
 
+def _check_merged(
+    raw: _RawDefaults, defaults: _RawDefaults, path: str, problems: Problems
+) -> None:
+    """Checks that need a service's keys merged over ``[defaults]``."""
+    initial = int(_or(_pick_sub(raw, defaults, "backoff", "initial"), 100))
+    maximum = int(_or(_pick_sub(raw, defaults, "backoff", "max"), 30_000))
+    if maximum < initial:
+        problems.append(
+            (
+                path + ".backoff.max",
+                f"{maximum} ms is below backoff.initial ({initial} ms)",
+            )
+        )
+
+
 def _limit_pair(value: int | str | tuple[int | str, int | str]) -> tuple[int, int]:
     def one(v: int | str) -> int:
         return RLIM_INFINITY if v == "infinity" else int(v)
@@ -1067,6 +1082,9 @@ def _from_source(source: dict[str, Any], path: str, base_dir: str) -> Config:
             _check_table(raw, where, ctx, problems)
             _split_command(raw.command, where + ".command", problems)
             raws[name] = raw
+
+    for name, raw in raws.items():
+        _check_merged(raw, defaults, f"services.{name}", problems)
 
     groups = _groups(top.services, raws)
     edges = _check_dependencies(raws, groups, problems)
