@@ -427,7 +427,13 @@ class _Routes:
         n = _query_int(request, "n", DEFAULT_TAIL, 0, MAX_TAIL)
         if not _query_flag(request, "follow"):
             lines = await _maybe_await(self.supervisor.tail(name, n))
-            return JSONResponse({"service": name, "lines": list(lines)})
+            body = {"service": name, "lines": list(lines)}
+            source = getattr(self.supervisor, "log_source", None)
+            if source is not None:
+                # Journal output never passes through fastorch: the client
+                # reads it from the journal with these matches.
+                body.update(source(name))
+            return JSONResponse(body)
 
         # Subscribe before reading the tail: no await between the two, so
         # no line falls into the gap.
@@ -1212,6 +1218,16 @@ def openapi_schema() -> dict[str, Any]:
             "properties": {
                 "service": {"type": "string"},
                 "lines": {"type": "array", "items": {"type": "string"}},
+                "destination": {
+                    "type": "string",
+                    "nullable": True,
+                    "enum": ["journal", "file", "inherit", "null", None],
+                },
+                "journal": {
+                    "type": "object",
+                    "description": "journal matches for the service's lines",
+                    "additionalProperties": {"type": "string"},
+                },
             },
         },
         "ReloadResult": {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
@@ -310,11 +312,35 @@ def _cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 def _cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    source = client.request("GET", f"/v1/services/{args.name}/logs", params={"n": 0})
+    if source.get("destination") == "journal":
+        return _journal_logs(source["journal"], args.lines, args.follow)
     for line in logs(client, args.name, args.lines, args.follow):
         sys.stdout.write(line + "\n")
         if args.follow:
             sys.stdout.flush()
     return 0
+
+
+def _journal_logs(matches: dict[str, str], n: int, follow: bool) -> int:
+    """A journal-mode service's lines, read back with journalctl.
+
+    The child writes straight into journald (fastorch holds none of it),
+    so the lines are read on this host from the journal, matched by the
+    stream's identifier (the service name) on the stdout transport.
+    """
+    journalctl = shutil.which("journalctl")
+    if journalctl is None:
+        sys.stderr.write("fastorch: the service logs to the journal: no journalctl\n")
+        return 1
+    argv = [journalctl, "--no-pager", "-o", "cat", "-n", str(n)]
+    if follow:
+        argv.append("-f")
+    argv += [f"{key}={value}" for key, value in sorted(matches.items())]
+    try:
+        return subprocess.run(argv, check=False).returncode
+    except KeyboardInterrupt:
+        return 0
 
 
 def _cmd_graph(client: Client, args: argparse.Namespace) -> int:

@@ -283,6 +283,13 @@ class LogManager:
                     pipe.write_fd = -1
             self._draining.append(sink)
 
+    def destination(self, name: str) -> str | None:
+        """Where *name*'s output goes now (after any fallback), or None."""
+        for sink in self._sinks.values():
+            if sink.name == name:
+                return sink.destination
+        return None
+
     def tail(self, name: str, n: int) -> list[str]:
         """The last *n* lines the service wrote (file mode only)."""
         tail = self._tails.get(name)

@@ -780,6 +780,17 @@ class Supervisor:
             return []
         return list(self.logs.tail(name, n))
 
+    def log_source(self, name: str) -> dict[str, Any]:
+        """Where the service's output goes, and, for the journal, the
+        fields that find its lines there: the stream's identifier (the
+        service name) on the stdout transport."""
+        self._sid(name)
+        destination = None if self.logs is None else self.logs.destination(name)
+        source: dict[str, Any] = {"destination": destination}
+        if destination == "journal":
+            source["journal"] = {"SYSLOG_IDENTIFIER": name, "_TRANSPORT": "stdout"}
+        return source
+
     def follow(self, name: str, maxsize: int = 1024) -> Subscription:
         """New lines of the service's output, as ``{"line": ...}`` items."""
         self._sid(name)

@@ -379,6 +379,14 @@ def test_child_output_goes_straight_to_the_journal(unit):
         assert entry["_PID"] != unit.props("MainPID")["MainPID"]
     assert int(err["PRIORITY"]) < int(out["PRIORITY"])
 
+    # `fastorch logs` reads those lines back from the journal.
+    done = unit.m.run(
+        [sys.executable, "-m", "fastorch", "logs", "talker", "-n", "10",
+         "--socket", "/run/systemd/user/fastorch/api.sock"]
+    )  # fmt: skip
+    assert f"{tag} out" in done.stdout.splitlines()
+    assert f"{tag} err" in done.stdout.splitlines()
+
 
 def _wait_messages(m: UserManager, prefix: str, count: int, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
