@@ -80,6 +80,9 @@ def test_as_pid1_orphans_are_reaped_and_sigterm_stops_the_fleet(tmp_path):
     # many times; none may stay a zombie, and SIGTERM still stops in order.
     cfg = tmp_path / "cfg.toml"
     marker = tmp_path / "orphans"
+    script = (
+        f"for i in $(seq 20); do (sleep 0.05 &); done; touch {marker}; exec sleep 60"
+    )
     cfg.write_text(
         f"""
 [defaults.logs]
@@ -88,7 +91,7 @@ destination = "null"
 command = ["sleep", "60"]
 [services.spawner]
 depends_on = ["db"]
-command = ["sh", "-c", "for i in $(seq 20); do (sleep 0.05 &); done; touch {marker}; exec sleep 60"]
+command = ["sh", "-c", "{script}"]
 """
     )
     log = tmp_path / "out.log"
