@@ -128,7 +128,7 @@ class Fleet:
 
 
 def unit_drop_in(config: str, pythonpath: str) -> str:
-    return textwrap.dedent(
+    text = textwrap.dedent(
         f"""\
         [Service]
         ExecStart=
@@ -141,6 +141,12 @@ def unit_drop_in(config: str, pythonpath: str) -> str:
         LimitCORE=0
         """
     )
+    # The shipped PrivateTmp=yes gives the unit an empty /tmp: a checkout,
+    # a virtualenv or this fleet's files living there would vanish.
+    paths = (sys.executable, os.path.realpath(sys.executable), config, pythonpath)
+    if any(p.startswith(("/tmp/", "/var/tmp/")) for p in paths):
+        text += "PrivateTmp=no\n"
+    return text
 
 
 @pytest.fixture(scope="module")
