@@ -475,7 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     become_subreaper()
-    watch = ProcWatch()
+    try:
+        watch = ProcWatch()
+    except OSError as exc:
+        print(f"cannot listen to the proc connector (needs root): {exc}")
+        return 1
     results: list[dict[str, Any]] = []
     try:
         for n in sorted(args.n):
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: str(v) for k, v in vars(args).items() if k != "json"},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
