@@ -31,6 +31,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -321,9 +322,41 @@ class ProcessTable:
                 self.orphans_reaped += 1
                 logger.debug("reaped orphan %d", pid)
             else:
-                # A foreign child: its owner reaps it; retry at the next
-                # SIGCHLD.
+                # A foreign child: its owner reaps it. waitid(P_ALL) would
+                # show it first again and again, so look for ours by name.
+                self._reap_around()
                 return
+
+    def _reap_around(self) -> None:
+        """Reap our exited children and orphans one by one (the slow way,
+        for when a foreign zombie hides them from waitid(P_ALL))."""
+        for pid in list(self._children):
+            try:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if reaped:
+                self._finish(pid, status)
+        self._reap_orphans()
+
+    def _reap_orphans(self) -> int:
+        """Reap every orphan zombie adopted by this process; the count."""
+        me = os.getpid()
+        count = 0
+        for st in scan_proc().values():
+            if (
+                st.ppid == me
+                and st.state == "Z"
+                and st.pid not in self._children
+                and (self.is_pid1 or st.session != self._own_session)
+            ):
+                try:
+                    os.waitpid(st.pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue
+                count += 1
+        self.orphans_reaped += count
+        return count
 
     def _is_orphan(self, pid: int) -> bool:
         if self.is_pid1:
@@ -429,7 +462,14 @@ class ProcessTable:
         self._closed = True
         for pid in list(self._children):
             _killpg(pid, signal.SIGKILL)
-        self.kill_orphans()
+        # Orphans: kill them, then reap them as they die; their own children
+        # are adopted in turn when they go, so repeat (briefly) until none
+        # is left, or they would stay zombies of whoever runs this table.
+        deadline = time.monotonic() + 2.0
+        while self.kill_orphans() + self._reap_orphans():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
         for pid, child in list(self._children.items()):
             try:
                 _, status = os.waitpid(pid, 0)

@@ -329,6 +329,16 @@ def _accepts(path: str) -> bool:
     return True
 
 
+def _reap_if_ours(pid: int) -> None:
+    # A test process that ran a ProcessTable is a child subreaper: journald,
+    # orphaned when unshare dies, is then reparented to it and must be
+    # reaped here, or it stays a zombie child of pytest.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while os.path.exists(f"/proc/{pid}"):
@@ -336,6 +346,7 @@ def _wait_gone(pid: int, timeout: float) -> None:
             # Zombies of another parent still show; check the state.
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    _reap_if_ours(pid)
                     return
         except OSError:
             return
