@@ -10,6 +10,18 @@ supervisor side is measured. Reports CPU % of one core, CPU per probe,
 scheduling delay (p50/p99/max: how late ``run()`` is called after the
 deadline the loop timer was armed for), RSS.
 
+Part 1b (``--part tcp``): the tcp fleet again, once per way of running a
+tcp probe, side by side:
+``before`` (a ``socket.socket``, the connect's end awaited through
+``add_writer``, closed with a FIN), ``sync`` (the connect's outcome asked
+for again at once, see ``_SocketRun._connect``), ``sync+reset`` (and closed
+with a reset: SO_LINGER 0), ``sync+reset+raw`` (and the C socket type, no
+Python wrapper: what ``ProbeRunner`` does), and with ``--slack 4,10`` the
+same again with the loop timer armed at the engine's deadline rounded up
+to that many ms (several probes per wake-up). One fleet, the variants
+taking turns in ``--slice``-second slices, so that the machine's other
+load falls on all alike. Adds TIME_WAIT sockets left per second.
+
 Part 2 (``--part clients``): the same 1000 HTTP probes per second issued
 by ``ProbeRunner`` (socket callbacks), by a minimal GET on asyncio streams
 (a task per probe) and by httpx (a shared ``AsyncClient``, a fresh
@@ -19,10 +31,14 @@ side in one run. Reports CPU per probe and the ratio to ``ProbeRunner``.
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import asyncio
+import errno
 import json
+import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +48,7 @@ from typing import Any
 
 import uvloop
 
+from fastorch import probes
 from fastorch._core import Action, Engine
 from fastorch.probes import ProbeRunner
 
@@ -134,8 +151,18 @@ def pct(values: list[float], q: float) -> float:
 class Fleet:
     """The supervisor's probe path alone: engine, one loop timer, runner."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, kind: str, ports: list[int]):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        kind: str,
+        ports: list[int],
+        slack_ms: int = 0,
+    ):
         self.loop = loop
+        # The loop timer is armed at the engine's deadline rounded up to a
+        # multiple of this: timers due within it are handled in one wake-up.
+        self.slack_ms = slack_ms
+        self.wakeups = 0
         self.base = loop.time()
         self.engine = Engine(now=0)
         self.runner = ProbeRunner(loop, self.on_result, None)
@@ -184,11 +211,14 @@ class Fleet:
             self.handle = None
         self.armed_ms = deadline
         if deadline is not None:
-            self.handle = self.loop.call_at(self.base + deadline / 1000, self.tick)
+            slack = self.slack_ms
+            at = -(-deadline // slack) * slack if slack else deadline
+            self.handle = self.loop.call_at(self.base + at / 1000, self.tick, at)
 
-    def tick(self) -> None:
+    def tick(self, at: int) -> None:
         self.handle = None
-        self.feed(self.engine.advance(max(self.now_ms(), self.armed_ms or 0)))
+        self.wakeups += 1
+        self.feed(self.engine.advance(max(self.now_ms(), at)))
         self.armed_ms = None
         self.arm()
 
@@ -204,12 +234,15 @@ class Fleet:
         await self.runner.aclose()
 
 
-async def run_fleet(kind: str, ports: list[int], duration: float) -> dict[str, Any]:
+async def run_fleet(
+    kind: str, ports: list[int], duration: float, slack_ms: int = 0
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     rss0 = rss_mib()
-    fleet = Fleet(loop, kind, ports)
+    fleet = Fleet(loop, kind, ports, slack_ms)
     await asyncio.sleep(2.0)  # every service has had its first probe
     fleet.delays.clear()
+    wakeups0 = fleet.wakeups
     results0, failures0 = fleet.results, fleet.failures
     (user0, sys0), t0 = cpu_split(), time.monotonic()
     await asyncio.sleep(duration)
@@ -232,9 +265,139 @@ async def run_fleet(kind: str, ports: list[int], duration: float) -> dict[str, A
         "rss_mib": round(rss_mib(), 1),
         "rss_growth_mib": round(rss_mib() - rss0, 1),
         "durations_count": fleet.runner.durations.count(kind),
+        "slack_ms": slack_ms,
+        "wakeups_per_s": round((fleet.wakeups - wakeups0) / wall),
     }
     await fleet.close()
     return out
+
+
+# -- part 1b: ways of running a tcp probe, side by side ------------------------
+
+
+class _VariantRun(probes._SocketRun):
+    """``_SocketRun`` with each saving of the tcp path switchable."""
+
+    __slots__ = ()
+    sync = True  # ask the connect's outcome again instead of polling
+    reset = True  # close with a reset (SO_LINGER 0)
+    raw = True  # the C socket type, not the socket.socket subclass
+
+    def _connect(self, family: int, addr: tuple[Any, ...]) -> None:
+        kind = _socket.socket if self.raw else socket.socket
+        sock = kind(family, probes._STREAM_FLAGS)
+        self.sock = sock
+        self.fd = sock.fileno()
+        err = sock.connect_ex(addr)
+        if err == errno.EINPROGRESS:
+            err = sock.connect_ex(addr) if self.sync else errno.EALREADY
+            if err == errno.EALREADY:
+                self.polling = True
+                self.runner._loop.add_writer(self.fd, self._on_writable)
+                return
+        if err and err != errno.EISCONN:
+            self.finish(False, f"connect: {os.strerror(err)}")
+            return
+        self._on_connected()
+
+    def _on_connected(self) -> None:
+        if self.target.kind == "tcp" and not self.reset:
+            self.finish(True, "connected")
+            return
+        super()._on_connected()
+
+
+def _variant(name: str, sync: bool, reset: bool, raw: bool) -> type:
+    return type(name, (_VariantRun,), {"__slots__": (), "sync": sync,
+                                      "reset": reset, "raw": raw})  # fmt: skip
+
+
+TCP_VARIANTS = {
+    "before": _variant("Before", False, False, False),
+    "sync": _variant("Sync", True, False, False),
+    "sync+reset": _variant("SyncReset", True, True, False),
+    "sync+reset+raw": probes._SocketRun,
+}
+
+
+def time_wait_sockets() -> int:
+    """TCP sockets in TIME_WAIT, machine-wide (/proc/net/sockstat: cheap)."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("tw") + 1])
+    return 0
+
+
+async def run_tcp_variants(
+    ports: list[int], duration: float, slice_s: float, slacks: list[int]
+) -> list[dict[str, Any]]:
+    """The tcp fleet once per variant, in turns of *slice_s* seconds.
+
+    Each turn builds a fresh fleet (probe start times spread over a second,
+    as after a start of the whole fleet) and measures after every service
+    had its first probe. Short turns taken in rotation let the machine's
+    other load fall on all variants alike; each gets *duration* seconds in
+    all. CPU is this thread's (CLOCK_THREAD_CPUTIME_ID) with the user/sys
+    split from rusage.
+    """
+    plan = [(name, cls, 0) for name, cls in TCP_VARIANTS.items()]
+    plan += [(f"slack {ms} ms", probes._SocketRun, ms) for ms in slacks if ms]
+    stats = {
+        name: {"cpu": 0.0, "user": 0.0, "sys": 0.0, "wall": 0.0, "probes": 0,
+               "wakeups": 0, "delays": [], "tw": 0}
+        for name, _, _ in plan
+    }  # fmt: skip
+    loop = asyncio.get_running_loop()
+    original = probes._SocketRun
+    try:
+        rounds = max(1, round(duration / slice_s))
+        for _ in range(rounds):
+            for name, cls, slack in plan:
+                probes._SocketRun = cls  # type: ignore[misc]
+                fleet = Fleet(loop, "tcp", ports, slack)
+                await asyncio.sleep(1.2)  # every service had its first probe
+                st = stats[name]
+                fleet.delays.clear()
+                n0, w0, tw0 = fleet.results, fleet.wakeups, time_wait_sockets()
+                c0, (u0, s0), t0 = time.thread_time(), cpu_split(), time.monotonic()
+                await asyncio.sleep(slice_s)
+                c1, (u1, s1), t1 = time.thread_time(), cpu_split(), time.monotonic()
+                st["cpu"] += c1 - c0
+                st["user"] += u1 - u0
+                st["sys"] += s1 - s0
+                st["wall"] += t1 - t0
+                st["probes"] += fleet.results - n0
+                st["wakeups"] += fleet.wakeups - w0
+                st["delays"] += fleet.delays
+                st["tw"] += time_wait_sockets() - tw0
+                await fleet.close()
+    finally:
+        probes._SocketRun = original  # type: ignore[misc]
+    rows = []
+    for name, st in stats.items():
+        wall = st["wall"]
+        rows.append(
+            {
+                "variant": name,
+                "seconds": round(wall, 1),
+                "probes_per_s": round(st["probes"] / wall, 1),
+                "cpu_pct_of_core": round(100 * st["cpu"] / wall, 2),
+                "cpu_user_pct": round(100 * st["user"] / wall, 2),
+                "cpu_sys_pct": round(100 * st["sys"] / wall, 2),
+                "cpu_us_per_probe": round(1e6 * st["cpu"] / max(st["probes"], 1), 1),
+                "wakeups_per_s": round(st["wakeups"] / wall),
+                "delay_p50_ms": round(1000 * pct(st["delays"], 0.5), 2),
+                "delay_p99_ms": round(1000 * pct(st["delays"], 0.99), 2),
+                "time_wait_per_s": round(st["tw"] / wall),
+            }
+        )
+    base = rows[0]["cpu_us_per_probe"]
+    for row in rows:
+        row["ratio_to_before"] = round(row["cpu_us_per_probe"] / base, 2)
+    rows.append({"rss_mib": round(rss_mib(), 1)})
+    return rows
 
 
 # -- part 2: three HTTP clients side by side ----------------------------------
@@ -365,7 +528,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--services", type=int, default=1000)
-    parser.add_argument("--part", choices=["fleet", "clients", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["fleet", "tcp", "clients", "all"], default="all"
+    )
+    parser.add_argument(
+        "--slice", type=float, default=2.0, help="for --part tcp: seconds per turn"
+    )
+    parser.add_argument(
+        "--slack", default="", help="for --part tcp: loop-timer slacks (ms), e.g. 5,10"
+    )
     parser.add_argument("--kinds", default="tcp,http")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args()
@@ -376,6 +547,11 @@ def main() -> None:
         if args.part in ("fleet", "all"):
             for kind in args.kinds.split(","):
                 print(json.dumps(run(run_fleet(kind, ports, args.duration))))
+        if args.part == "tcp":
+            slacks = [int(ms) for ms in args.slack.split(",") if ms]
+            coro = run_tcp_variants(ports, args.duration, args.slice, slacks)
+            for row in run(coro):
+                print(json.dumps(row))
         if args.part in ("clients", "all"):
             rows = run(run_clients(ports, min(args.duration, 10.0)))
             for row in rows:

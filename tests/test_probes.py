@@ -239,6 +239,86 @@ def test_tcp_probe_fails_once_the_listener_goes_away(
     run(loop, main())
 
 
+def _time_wait_to(port: int) -> int:
+    """IPv4 sockets in TIME_WAIT with *port* at either end."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            local, remote, state = line.split()[1:4]
+            ports = {
+                int(local.rsplit(":", 1)[1], 16),
+                int(remote.rsplit(":", 1)[1], 16),
+            }
+            count += state == "06" and port in ports
+    return count
+
+
+def test_tcp_probe_resets_the_connection_and_leaves_no_time_wait(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        results = Results(loop)
+        runner = ProbeRunner(loop, results, None)
+        results.inside_run = True
+        runner.run(7, 1, 1, Spec("tcp", f"127.0.0.1:{port}"))
+        results.inside_run = False
+        await results.wait(1)
+        await runner.aclose()
+        # Decided by the handshake alone, and still reported after run().
+        assert not results.reentrant
+        assert results.by_seq() == {1: (True, "connected")}
+        listener.settimeout(BOUND / 2)
+        conn, _ = listener.accept()
+        with conn, pytest.raises(ConnectionResetError):
+            conn.recv(1)
+        listener.close()
+        assert _time_wait_to(port) == 0
+
+    run(loop, main())
+
+
+def test_tcp_connect_still_in_progress_is_awaited_or_cancelled(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    async def main() -> None:
+        # A full accept queue drops SYNs: the connect stays in progress
+        # until the client's SYN is retransmitted (after about 1 s).
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        filler = socket.create_connection(("127.0.0.1", port), timeout=BOUND / 2)
+        results = Results(loop)
+        runner = ProbeRunner(loop, results, None)
+        spec = Spec("tcp", f"127.0.0.1:{port}")
+        runner.run(7, 1, 1, spec)
+        runner.run(7, 1, 2, spec)
+        await asyncio.sleep(0.3)
+        assert results.items == [] and runner.in_flight == 2
+        runner.cancel(7, 1, 1)
+        assert runner.in_flight == 1
+        accepted = []
+        while not results.items:
+            try:
+                accepted.append(listener.accept()[0])
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await runner.aclose()
+        for conn in accepted:
+            conn.close()
+        filler.close()
+        listener.close()
+        assert results.by_seq() == {2: (True, "connected")}
+
+    run(loop, main())
+
+
 def test_tcp_probe_on_ipv6_loopback(loop: asyncio.AbstractEventLoop) -> None:
     try:
         listener = socket.socket(socket.AF_INET6)
