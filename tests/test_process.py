@@ -32,7 +32,7 @@ def exit_future(loop):
     return fut, lambda pid, status: fut.set_result((pid, status))
 
 
-@pytest.mark.parametrize("watch", ["pidfd", "sigchld"])
+@pytest.mark.parametrize("watch", ["pidfd", "sigchld", "waitpid"])
 def test_exit_code_and_signal_reach_on_exit(watch):
     async def body(table):
         loop = asyncio.get_running_loop()
@@ -146,7 +146,8 @@ def test_descendants_are_killed_with_the_service(tmp_path, setsid):
     run(body)
 
 
-def test_orphans_are_reaped(tmp_path):
+@pytest.mark.parametrize("watch", ["pidfd", "sigchld", "waitpid"])
+def test_orphans_are_reaped(tmp_path, watch):
     async def body(table):
         loop = asyncio.get_running_loop()
         assert table.is_subreaper
@@ -161,10 +162,10 @@ def test_orphans_are_reaped(tmp_path):
         assert os.getsid(grandchild) == grandchild
         assert table.kill_orphans() >= 1
         await wait_until(lambda: not os.path.exists(f"/proc/{grandchild}"))
-        assert zombies_of(os.getpid()) == []
+        await wait_until(lambda: zombies_of(os.getpid()) == [])
         assert table.orphans_reaped >= 1
 
-    run(body)
+    run(body, watch)
 
 
 def test_foreign_children_are_not_reaped():

@@ -76,7 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         from fastorch.supervisor import Supervisor
 
-        sup = Supervisor(cfg, api=not args.no_api)
+        # This process starts no child but through the supervisor's table,
+        # so exits are reaped with waitpid(-1): no descriptor per child.
+        sup = Supervisor(cfg, api=not args.no_api, exit_watch="waitpid")
         await sup.run()
 
     uvloop.run(main())

@@ -141,6 +141,10 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+# How long adopted orphans may wait to be reaped in pidfd mode.
+_ORPHAN_DELAY_S = 0.05
+
+
 @dataclass(slots=True)
 class _Child:
     pid: int
@@ -156,9 +160,14 @@ class ProcessTable:
 
     Args:
         loop: the event loop every callback runs on.
-        exit_watch: ``"pidfd"`` (one pidfd per child on the loop) or
-            ``"sigchld"`` (the ``SIGCHLD`` handler alone; for kernels
-            without pidfd, and the baseline of bench/bench_exit_watch.py).
+        exit_watch: ``"pidfd"`` (one pidfd per child on the loop; the
+            default, safe beside other code that starts children),
+            ``"waitpid"`` (one ``SIGCHLD`` handler reaping with
+            ``waitpid(-1)``: O(1) per exit and no descriptor per child, for
+            a process whose every child is ours, as ``fastorch run`` is) or
+            ``"sigchld"`` (the handler peeking with ``waitid(WNOWAIT)``; for
+            kernels without pidfd, and a baseline of
+            bench/bench_exit_watch.py).
         subreaper: make this process a child subreaper.
     """
 
@@ -169,12 +178,13 @@ class ProcessTable:
         exit_watch: str = "pidfd",
         subreaper: bool = True,
     ) -> None:
-        if exit_watch not in ("pidfd", "sigchld"):
+        if exit_watch not in ("pidfd", "sigchld", "waitpid"):
             raise ValueError(f"unknown exit_watch {exit_watch!r}")
         if exit_watch == "pidfd" and not hasattr(os, "pidfd_open"):
             exit_watch = "sigchld"
         self._loop = loop
         self._use_pidfd = exit_watch == "pidfd"
+        self._reap_all = exit_watch == "waitpid"
         self._children: dict[int, _Child] = {}
         self._closed = False
         self._own_session = os.getsid(0)
@@ -300,10 +310,21 @@ class ProcessTable:
     def _sigchld_handler(self, signo: int, frame: object) -> None:
         if not self._sigchld_pending and not self._closed:
             self._sigchld_pending = True
-            self._loop.call_soon_threadsafe(self._on_sigchld)
+            if self._use_pidfd:
+                # Our children come through their pidfds; this pass only
+                # reaps adopted orphans, and its waitid walks every child:
+                # keep it off the path of a restart, and batch it.
+                self._loop.call_soon_threadsafe(
+                    self._loop.call_later, _ORPHAN_DELAY_S, self._on_sigchld
+                )
+            else:
+                self._loop.call_soon_threadsafe(self._on_sigchld)
 
     def _on_sigchld(self) -> None:
         self._sigchld_pending = False
+        if self._reap_all:
+            self._reap_any()
+            return
         # Peek (WNOWAIT) at one zombie child at a time, so a child spawned by
         # other code in this process is never reaped behind its owner's back.
         while True:
@@ -326,6 +347,22 @@ class ProcessTable:
                 # show it first again and again, so look for ours by name.
                 self._reap_around()
                 return
+
+    def _reap_any(self) -> None:
+        # Every child of this process is ours or an adopted orphan, so
+        # waitpid(-1) takes each exit in O(1), however many children run.
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self._children:
+                self._finish(pid, status)
+            else:
+                self.orphans_reaped += 1
+                logger.debug("reaped orphan %d", pid)
 
     def _reap_around(self) -> None:
         """Reap our exited children and orphans one by one (the slow way,

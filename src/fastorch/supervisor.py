@@ -118,6 +118,9 @@ class Supervisor:
         loop: the event loop; by default the running one.
         api: serve the control API (``fastorch.api.serve``) while running.
         handle_signals: install SIGTERM/SIGINT/SIGHUP handlers in ``run``.
+        exit_watch: how the process table learns of exits (see
+            ``ProcessTable``); ``fastorch run`` owns every child of its
+            process and uses ``"waitpid"``.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class Supervisor:
         loop: asyncio.AbstractEventLoop | None = None,
         api: bool = False,
         handle_signals: bool = True,
+        exit_watch: str = "pidfd",
     ) -> None:
         self._loop = loop or asyncio.get_running_loop()
         self.drop_in_dir = Path(config.supervisor.drop_in_dir)
@@ -160,7 +164,7 @@ class Supervisor:
         self._last_lag_check = 0.0
         self._last_now = self._now()
 
-        self.table = ProcessTable(self._loop)
+        self.table = ProcessTable(self._loop, exit_watch=exit_watch)
         self._runtime_dir = tempfile.mkdtemp(prefix="fastorch-")
         self.probes: Any = None
         self.notify: Any = None
