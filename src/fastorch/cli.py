@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -82,7 +83,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         await sup.run()
 
     uvloop.run(main())
-    return 0
+    # Everything is stopped, reaped and closed. Skip the interpreter's
+    # teardown of every module (about 40 ms with the API loaded), which a
+    # stop under systemd or in the fleet bench would wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- check, graph ------------------------------------------------------------
