@@ -33,6 +33,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fastorch._core import State
 from fastorch.errors import (
     ApiError,
     ConfigError,
@@ -45,18 +46,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("fastorch.api.access")
 
 API_VERSION = "v1"
-STATE_NAMES = (
-    "stopped",
-    "waiting",
-    "starting",
-    "running",
-    "ready",
-    "unhealthy",
-    "stopping",
-    "completed",
-    "backoff",
-    "failed",
-)
+STATE_NAMES = tuple(state.name.lower() for state in State)
 ACTIONS = ("start", "stop", "restart")
 DEFAULT_TAIL = 100
 MAX_TAIL = 10_000

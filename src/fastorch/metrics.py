@@ -28,20 +28,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from fastorch._core import State
+
 log = logging.getLogger(__name__)
 
-STATE_NAMES = (
-    "stopped",
-    "waiting",
-    "starting",
-    "running",
-    "ready",
-    "unhealthy",
-    "stopping",
-    "completed",
-    "backoff",
-    "failed",
-)
+STATE_NAMES = tuple(state.name.lower() for state in State)
 # States in which the service has a live process.
 _UP_STATES = frozenset({"running", "ready", "unhealthy", "stopping"})
 EXIT_KINDS = ("success", "failure", "signal")
