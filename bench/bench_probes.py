@@ -22,6 +22,11 @@ to that many ms (several probes per wake-up). One fleet, the variants
 taking turns in ``--slice``-second slices, so that the machine's other
 load falls on all alike. Adds TIME_WAIT sockets left per second.
 
+Part 1c (``--part runner``): ``ProbeRunner``'s own cost per tcp probe,
+before and after, 50 probes per loop turn so that no timer wake-up is
+counted, beside the bare syscalls of one probe (socket, connect twice,
+SO_LINGER, close).
+
 Part 2 (``--part clients``): the same 1000 HTTP probes per second issued
 by ``ProbeRunner`` (socket callbacks), by a minimal GET on asyncio streams
 (a task per probe) and by httpx (a shared ``AsyncClient``, a fresh
@@ -400,6 +405,59 @@ async def run_tcp_variants(
     return rows
 
 
+async def run_runner_batches(ports: list[int], probes_n: int) -> list[dict[str, Any]]:
+    """The runner's own cost per tcp probe, 50 probes per loop turn (so no
+    timer wake-up per probe), beside the bare syscalls of the same probe."""
+    loop = asyncio.get_running_loop()
+    specs = [Spec("tcp", f"127.0.0.1:{p}") for p in ports]
+    addrs = [("127.0.0.1", p) for p in ports]
+    linger = probes._LINGER_RESET
+    done = [0]
+
+    def on_result(*_: Any) -> None:
+        done[0] += 1
+
+    def bare(seq: int) -> None:
+        sock = _socket.socket(socket.AF_INET, probes._STREAM_FLAGS)
+        sock.connect_ex(addrs[seq % len(addrs)])
+        sock.connect_ex(addrs[seq % len(addrs)])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        sock.close()
+        done[0] += 1
+
+    plan = [("before", TCP_VARIANTS["before"]), ("after", probes._SocketRun),
+            ("bare syscalls", None)]  # fmt: skip
+    cost: dict[str, list[float]] = {name: [] for name, _ in plan}
+    original = probes._SocketRun
+    try:
+        for _ in range(5):
+            for name, cls in plan:
+                probes._SocketRun = cls or original  # type: ignore[misc]
+                runner = ProbeRunner(loop, on_result, None)
+                done[0] = seq = 0
+                cpu0 = time.thread_time()
+                while seq < probes_n:
+                    for _ in range(50):
+                        seq += 1
+                        if cls is None:
+                            bare(seq)
+                        else:
+                            runner.run(
+                                seq % len(specs), 0, seq, specs[seq % len(specs)]
+                            )
+                    while done[0] < seq:
+                        await asyncio.sleep(0)
+                    await asyncio.sleep(0.002)  # the server accepts
+                cost[name].append((time.thread_time() - cpu0) / seq)
+                await runner.aclose()
+    finally:
+        probes._SocketRun = original  # type: ignore[misc]
+    return [
+        {"runner": name, "cpu_us_per_probe_median": round(1e6 * pct(v, 0.5), 1)}
+        for name, v in cost.items()
+    ]
+
+
 # -- part 2: three HTTP clients side by side ----------------------------------
 
 
@@ -529,7 +587,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument(
-        "--part", choices=["fleet", "tcp", "clients", "all"], default="all"
+        "--part",
+        choices=["fleet", "tcp", "runner", "clients", "all"],
+        default="all",
     )
     parser.add_argument(
         "--slice", type=float, default=2.0, help="for --part tcp: seconds per turn"
@@ -551,6 +611,9 @@ def main() -> None:
             slacks = [int(ms) for ms in args.slack.split(",") if ms]
             coro = run_tcp_variants(ports, args.duration, args.slice, slacks)
             for row in run(coro):
+                print(json.dumps(row))
+        if args.part == "runner":
+            for row in run(run_runner_batches(ports, 5000)):
                 print(json.dumps(row))
         if args.part in ("clients", "all"):
             rows = run(run_clients(ports, min(args.duration, 10.0)))
