@@ -223,6 +223,20 @@ cdef void _init_table() noexcept:
 _init_table()
 
 
+cdef inline int64_t _run_end(int64_t due, int64_t now,
+                             int64_t timeout) noexcept:
+    """When a probe run that was due at ``due`` times out.
+
+    The run counts from when it was due, not from when the timer was
+    served, so a late wake-up does not shift every later run of the
+    service (services would drift into step and wake together). A run
+    served later than its whole timeout starts its clock now.
+    """
+    if due + timeout > now:
+        return due + timeout
+    return now + timeout
+
+
 cdef inline bint _has_process(uint8_t st) noexcept:
     # STARTING counts: a SPAWN is out and its pid is on the way.
     return ST_STARTING <= st <= ST_STOPPING
@@ -1976,7 +1990,10 @@ cdef class Engine:
             v.t_ready = self._arm(sid, K_READINESS, now + sp.r_delay)
         if sp.flags & SF_LIVENESS:
             v.t_live = self._arm(sid, K_LIVENESS, now + sp.l_delay)
-        wd = self._watchdog.get(sid, sp.watchdog)
+        # WATCHDOG_USEC= from a previous process does not carry over,
+        # as under systemd.
+        self._watchdog.pop(sid, None)
+        wd = sp.watchdog
         if wd:
             v.t_watchdog = self._arm(sid, K_WATCHDOG, now + wd)
         gated = sp.flags & (SF_ONESHOT | SF_READINESS | SF_READY_NOTIFY)
@@ -2200,7 +2217,8 @@ cdef class Engine:
             else:
                 v.ready_seq += 1
                 v.flags |= F_READY_INFLIGHT
-                v.t_ready = self._arm(sid, K_READINESS, now + sp.r_timeout)
+                v.t_ready = self._arm(
+                    sid, K_READINESS, _run_end(deadline, now, sp.r_timeout))
                 self._out.append((A_PROBE, sid, 0, v.ready_seq))
         elif kind == K_LIVENESS:
             v.t_live = -1
@@ -2210,7 +2228,8 @@ cdef class Engine:
             else:
                 v.live_seq += 1
                 v.flags |= F_LIVE_INFLIGHT
-                v.t_live = self._arm(sid, K_LIVENESS, now + sp.l_timeout)
+                v.t_live = self._arm(
+                    sid, K_LIVENESS, _run_end(deadline, now, sp.l_timeout))
                 self._out.append((A_PROBE, sid, 1, v.live_seq))
         return 0
 

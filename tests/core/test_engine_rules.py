@@ -668,3 +668,32 @@ def test_start_in_backoff_is_a_fresh_start():
     spawn_all(e, e.start(s))
     e.exited(s, 0)
     assert e.state(s) == S.BACKOFF
+
+
+def test_watchdog_usec_holds_for_the_current_process_only():
+    e = Engine()
+    s = e.add_service("s", watchdog_ms=1000, backoff_initial_ms=0)
+    spawn_all(e, e.start(s))
+    e.set_watchdog(s, 5000)
+    assert e.advance(1500) == []
+    spawn_all(e, e.exited(s, 1))
+    acts = e.advance(2500)  # the new process is back on 1 s
+    assert transitions(acts) == [(s, S.READY, S.STOPPING, Reason.WATCHDOG)]
+
+
+def test_late_wakeup_does_not_shift_later_probe_runs():
+    e = Engine()
+    a = e.add_service("a", readiness=(0, 1000, 500, 1, 3))
+    b = e.add_service("b", readiness=(1, 1000, 500, 1, 3))
+    spawn_all(e, e.start([a, b]))
+    for t in (0, 1):
+        (probe,) = e.advance(t)
+        e.probe_result(probe[1], 0, probe[3], True)
+    # Served 1 ms late, a's run still counts from 1000: the two services
+    # stay 1 ms apart instead of falling into step.
+    late = e.advance(1001)
+    assert sorted(p[1] for p in kinds(late, Action.PROBE)) == [a, b]
+    for p in kinds(late, Action.PROBE):
+        e.probe_result(p[1], 0, p[3], True)
+    assert kinds(e.advance(2000), Action.PROBE) == [(Action.PROBE, a, 0, 3)]
+    assert kinds(e.advance(2001), Action.PROBE) == [(Action.PROBE, b, 0, 3)]

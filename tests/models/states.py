@@ -149,6 +149,7 @@ class Svc:
         # the reason of a stop we asked for: a requested stop or a failure
         self.stop_reason: Reason | None = None
         self.notify_open = False
+        self.watchdog_override: int | None = None
         self.probes: dict[int, ProbeRun] = {}
 
     @property
@@ -398,6 +399,7 @@ class RefEngine:
                 run = s.probes[probe] = ProbeRun(spec)
                 run.seq = old[probe].seq if probe in old else 0
                 self._arm(sid, "probe_due", self.now + run.initial_delay_ms, probe)
+        s.watchdog_override = None  # WATCHDOG_USEC= is per process
         if s.cfg["watchdog_ms"] > 0:
             self._arm(sid, "watchdog", self.now + s.cfg["watchdog_ms"])
         if s.cfg["start_timeout_ms"] > 0 and s.state != S.READY:
@@ -540,13 +542,16 @@ class RefEngine:
 
     def notify_watchdog(self, sid: int) -> list[tuple]:
         s = self.svcs[sid]
-        if s.state in ALIVE and s.cfg["watchdog_ms"] > 0:
-            self._arm(sid, "watchdog", self.now + s.cfg["watchdog_ms"])
+        wd = s.cfg["watchdog_ms"]
+        if s.watchdog_override is not None:
+            wd = s.watchdog_override
+        if s.state in ALIVE and wd > 0 and (sid, "watchdog", -1) in self.timers:
+            self._arm(sid, "watchdog", self.now + wd)
         return []
 
     def set_watchdog(self, sid: int, watchdog_ms: int) -> list[tuple]:
         s = self.svcs[sid]
-        s.cfg["watchdog_ms"] = watchdog_ms
+        s.watchdog_override = watchdog_ms
         self._disarm(sid, "watchdog")
         if s.state in ALIVE and watchdog_ms > 0:
             self._arm(sid, "watchdog", self.now + watchdog_ms)
@@ -575,16 +580,18 @@ class RefEngine:
         """Fire one due timer (it may have been cancelled meanwhile)."""
         if key not in self.timers:
             return []
-        del self.timers[key]
+        due = self.timers.pop(key)[0]
         sid, kind, probe = key
         s = self.svcs[sid]
         if kind == "probe_due":
             run = s.probes[probe]
             run.seq += 1
             run.in_flight = True
-            run.started = self.now
+            # A run counts from when it was due (docs: no drift), unless
+            # it is served later than its whole timeout.
+            run.started = due if due + run.timeout_ms > self.now else self.now
             self._emit(Action.PROBE, sid, probe, run.seq)
-            self._arm(sid, "probe_timeout", self.now + run.timeout_ms, probe)
+            self._arm(sid, "probe_timeout", run.started + run.timeout_ms, probe)
         elif kind == "probe_timeout":
             run = s.probes[probe]
             self._emit(Action.CANCEL_PROBE, sid, probe, run.seq)
