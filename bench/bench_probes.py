@@ -56,6 +56,7 @@ import uvloop
 from fastorch import probes
 from fastorch._core import Action, Engine
 from fastorch.probes import ProbeRunner
+from fastorch.supervisor import _TIMER_SLACK_MS
 
 SERVER = r"""
 import asyncio, json, sys
@@ -598,6 +599,12 @@ def main() -> None:
         "--slack", default="", help="for --part tcp: loop-timer slacks (ms), e.g. 5,10"
     )
     parser.add_argument("--kinds", default="tcp,http")
+    parser.add_argument(
+        "--fleet-slack",
+        type=int,
+        default=_TIMER_SLACK_MS,
+        help="for --part fleet: loop-timer slack (ms); default the supervisor's",
+    )
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args()
     run = uvloop.run if args.loop == "uvloop" else asyncio.run
@@ -605,8 +612,11 @@ def main() -> None:
     proc, ports = start_server(args.services)
     try:
         if args.part in ("fleet", "all"):
+            # The fleet's loop timer has the supervisor's slack, as in
+            # `fastorch run`; --fleet-slack 0 shows the cost without it.
+            slack = args.fleet_slack
             for kind in args.kinds.split(","):
-                print(json.dumps(run(run_fleet(kind, ports, args.duration))))
+                print(json.dumps(run(run_fleet(kind, ports, args.duration, slack))))
         if args.part == "tcp":
             slacks = [int(ms) for ms in args.slack.split(",") if ms]
             coro = run_tcp_variants(ports, args.duration, args.slice, slacks)
