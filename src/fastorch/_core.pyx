@@ -753,8 +753,8 @@ def _spec_key(dict options):
         raise EngineError(f"backoff_jitter must be 0..1, got {jitter!r}")
     codes = o["success_codes"]
     try:
-        codes = tuple(sorted(set(
-            _count("success_codes[]", c, 0, 255) for c in codes)))
+        codes = tuple(sorted({
+            _count("success_codes[]", c, 0, 255) for c in codes}))
     except TypeError:
         raise EngineError(
             f"success_codes must be a list of exit codes, got {codes!r}"

@@ -10,7 +10,6 @@ started by ``clone(CLONE_VM | CLONE_VFORK)`` and a failed chdir or exec
 comes back as the return value.
 """
 
-from libc.errno cimport errno
 from libc.stdlib cimport free, malloc
 from posix.signal cimport sigemptyset, sigfillset, sigset_t
 from posix.types cimport mode_t, pid_t

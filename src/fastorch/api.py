@@ -771,7 +771,7 @@ class _Server(uvicorn.Server):
         for connection in list(self.server_state.connections):
             connection.shutdown()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.timeout_graceful_shutdown
+        deadline = loop.time() + (self.config.timeout_graceful_shutdown or 0)
         state = self.server_state
         while (state.connections or state.tasks) and loop.time() < deadline:
             await asyncio.sleep(0.01)

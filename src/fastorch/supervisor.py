@@ -314,7 +314,7 @@ class Supervisor:
 
     def kill_all(self) -> None:
         """SIGKILL every service's process group at once."""
-        items = [(s.pid, signal.SIGKILL) for s in self._services.values() if s.pid]
+        items = [(s.pid, int(signal.SIGKILL)) for s in self._services.values() if s.pid]
         self.table.signal_groups(items)
 
     def _begin_shutdown(self) -> asyncio.Future[None]:
