@@ -159,8 +159,7 @@ cdef enum:
     F_FAIL_ON_EXIT = 4
     F_GATE_NOTIFY = 8
     F_GATE_PROBE = 16
-    F_READY_INFLIGHT = 32
-    F_LIVE_INFLIGHT = 64
+    F_INFLIGHT = 32               # readiness; << probe for the other
     F_HAS_EXITED = 128
 
 # Spec flags.
@@ -168,16 +167,14 @@ cdef enum:
     SF_ONESHOT = 1
     SF_AUTOSTART = 2
     SF_READY_NOTIFY = 4
-    SF_READINESS = 8
-    SF_LIVENESS = 16
+    SF_PROBE = 8                  # readiness; << probe for the other
 
 # What a service's timer is for; stored in the low bits of its payload.
 cdef enum:
     K_BACKOFF = 0
     K_STOP = 1
     K_START_TIMEOUT = 2
-    K_READINESS = 3
-    K_LIVENESS = 4
+    K_PROBE = 3                   # readiness; + probe for the other
     K_WATCHDOG = 5
     K_BITS = 3
 
@@ -570,18 +567,14 @@ cdef struct Spec:
     uint32_t stop_timeout
     uint32_t start_timeout
     uint32_t watchdog
-    uint32_t r_delay
-    uint32_t r_period
-    uint32_t r_timeout
-    uint32_t l_delay
-    uint32_t l_period
-    uint32_t l_timeout
+    uint32_t probe_delay[2]       # indexed by Probe
+    uint32_t probe_period[2]
+    uint32_t probe_timeout[2]
     double backoff_factor
     double backoff_jitter
     uint16_t limit_burst
-    uint16_t r_success
-    uint16_t r_failure
-    uint16_t l_failure
+    uint16_t ready_success
+    uint16_t probe_failure[2]
     uint8_t restart
     uint8_t stop_signal
     uint8_t flags
@@ -597,20 +590,17 @@ cdef struct Svc:
     uint32_t spec
     uint32_t probe_failures
     int32_t t_life                # backoff, stop or start timeout
-    int32_t t_ready
-    int32_t t_live
+    int32_t t_probe[2]            # next run, or the run's timeout
     int32_t t_watchdog
     int32_t deps                  # first edge where this is the dependent
     int32_t rdeps                 # first edge where this is the dependency
     uint32_t name_off
     uint16_t name_len
     uint16_t starts               # in the start-limit window
-    uint16_t ready_seq
-    uint16_t live_seq
+    uint16_t seq[2]               # of the latest run, per probe
     uint16_t flags
     uint8_t ready_ok              # consecutive; thresholds are <= 255
-    uint8_t ready_fail
-    uint8_t live_fail
+    uint8_t fails[2]              # consecutive, per probe
     uint8_t state
     uint8_t backoff_count
     uint8_t reason
@@ -1058,13 +1048,16 @@ cdef class Engine:
         sp.stop_timeout = stop_timeout
         sp.start_timeout = start_timeout
         sp.watchdog = watchdog
-        if readiness is not None:
-            sp.flags |= SF_READINESS
-            (sp.r_delay, sp.r_period, sp.r_timeout, sp.r_success,
-             sp.r_failure) = readiness
-        if liveness is not None:
-            sp.flags |= SF_LIVENESS
-            sp.l_delay, sp.l_period, sp.l_timeout, _, sp.l_failure = liveness
+        cdef int probe
+        for probe, probe_key in enumerate((readiness, liveness)):
+            if probe_key is None:
+                continue
+            sp.flags |= SF_PROBE << probe
+            (sp.probe_delay[probe], sp.probe_period[probe],
+             sp.probe_timeout[probe], success,
+             sp.probe_failure[probe]) = probe_key
+            if probe == 0:
+                sp.ready_success = success
         self._spec_ids[key] = self._nspecs
         self._spec_keys.append(key)
         self._nspecs += 1
@@ -1110,7 +1103,7 @@ cdef class Engine:
         v.spec = spec
         v.deps = -1
         v.rdeps = -1
-        v.t_life = v.t_ready = v.t_live = v.t_watchdog = -1
+        v.t_life = v.t_probe[0] = v.t_probe[1] = v.t_watchdog = -1
         v.state = ST_STOPPED
         v.last_transition = self._wheel._now_ms
         self._store_name(s, n, sid)
@@ -1746,14 +1739,14 @@ cdef class Engine:
         """Cancel the service's probes, watchdog and lifecycle timer."""
         cdef Svc* v = &self._svcs[sid]
         self._disarm(&v.t_life)
-        self._disarm(&v.t_ready)
-        self._disarm(&v.t_live)
+        self._disarm(&v.t_probe[0])
+        self._disarm(&v.t_probe[1])
         self._disarm(&v.t_watchdog)
-        if v.flags & F_READY_INFLIGHT:
-            self._out.append((A_CANCEL_PROBE, sid, 0, v.ready_seq))
-        if v.flags & F_LIVE_INFLIGHT:
-            self._out.append((A_CANCEL_PROBE, sid, 1, v.live_seq))
-        v.flags &= ~(F_READY_INFLIGHT | F_LIVE_INFLIGHT)
+        cdef int probe
+        for probe in range(2):
+            if v.flags & (F_INFLIGHT << probe):
+                self._out.append((A_CANCEL_PROBE, sid, probe, v.seq[probe]))
+        v.flags &= ~(F_INFLIGHT | (F_INFLIGHT << 1))
         return 0
 
     cdef int _begin_stop(self, int32_t sid, uint8_t reason) except -1:
@@ -1849,7 +1842,7 @@ cdef class Engine:
         cdef Spec* sp = &self._specs[v.spec]
         cdef bint is_open = (
             (not (sp.flags & SF_READY_NOTIFY) or v.flags & F_GATE_NOTIFY)
-            and (not (sp.flags & SF_READINESS) or v.flags & F_GATE_PROBE))
+            and (not (sp.flags & SF_PROBE) or v.flags & F_GATE_PROBE))
         if sp.flags & SF_ONESHOT:
             return 0
         if is_open and v.state == ST_RUNNING:
@@ -1984,19 +1977,20 @@ cdef class Engine:
         self._out = []
         v.pid = pid
         v.spawned_at = now
-        v.ready_ok = v.ready_fail = v.live_fail = 0
+        v.ready_ok = v.fails[0] = v.fails[1] = 0
         v.flags &= ~(F_GATE_NOTIFY | F_GATE_PROBE | F_FAIL_ON_EXIT)
-        if sp.flags & SF_READINESS:
-            v.t_ready = self._arm(sid, K_READINESS, now + sp.r_delay)
-        if sp.flags & SF_LIVENESS:
-            v.t_live = self._arm(sid, K_LIVENESS, now + sp.l_delay)
+        cdef int probe
+        for probe in range(2):
+            if sp.flags & (SF_PROBE << probe):
+                v.t_probe[probe] = self._arm(
+                    sid, K_PROBE + probe, now + sp.probe_delay[probe])
         # WATCHDOG_USEC= from a previous process does not carry over,
         # as under systemd.
         self._watchdog.pop(sid, None)
         wd = sp.watchdog
         if wd:
             v.t_watchdog = self._arm(sid, K_WATCHDOG, now + wd)
-        gated = sp.flags & (SF_ONESHOT | SF_READINESS | SF_READY_NOTIFY)
+        gated = sp.flags & (SF_ONESHOT | SF_PROBE | SF_READY_NOTIFY)
         if gated and sp.start_timeout:
             v.t_life = self._arm(sid, K_START_TIMEOUT, now + sp.start_timeout)
         # STARTING -> RUNNING or READY: process spawned
@@ -2066,67 +2060,54 @@ cdef class Engine:
         self._check(sid)
         cdef Svc* v = &self._svcs[sid]
         cdef int32_t t
-        self._out = []
-        if probe == 0:
-            if not (v.flags & F_READY_INFLIGHT) or seq != v.ready_seq:
-                return self._done()
-            t = v.t_ready
-            v.t_ready = -1
-        elif probe == 1:
-            if not (v.flags & F_LIVE_INFLIGHT) or seq != v.live_seq:
-                return self._done()
-            t = v.t_live
-            v.t_live = -1
-        else:
+        cdef int64_t started
+        if probe != 0 and probe != 1:
             raise EngineError(f"unknown probe {probe!r}")
-        cdef int64_t started = self._probe_started(sid, probe, t)
+        self._out = []
+        if not (v.flags & (F_INFLIGHT << probe)) or seq != v.seq[probe]:
+            return self._done()
+        # The run's timeout timer says when it started: due + timeout.
+        t = v.t_probe[probe]
+        v.t_probe[probe] = -1
+        started = (self._wheel._timers[t].deadline * self._wheel._tick_ms
+                   - self._specs[v.spec].probe_timeout[probe])
         self._wheel._remove(t)
         self._probe_done(sid, probe, bool(ok), started)
         return self._done()
-
-    cdef int64_t _probe_started(self, int32_t sid, int probe,
-                                int32_t timer) noexcept:
-        cdef Spec* sp = &self._specs[self._svcs[sid].spec]
-        cdef int64_t deadline = (self._wheel._timers[timer].deadline
-                                 * self._wheel._tick_ms)
-        return deadline - (sp.r_timeout if probe == 0 else sp.l_timeout)
 
     cdef int _probe_done(self, int32_t sid, int probe, bint ok,
                          int64_t started) except -1:
         cdef Svc* v = &self._svcs[sid]
         cdef Spec* sp = &self._specs[v.spec]
         cdef int64_t now = self._wheel._now_ms
-        cdef int64_t nxt
-        if probe == 0:
-            v.flags &= ~F_READY_INFLIGHT
-            nxt = started + sp.r_period
-            v.t_ready = self._arm(sid, K_READINESS, nxt if nxt > now else now)
-            if ok:
-                v.ready_fail = 0
-                if v.ready_ok < 255:
-                    v.ready_ok += 1
-                if v.ready_ok >= sp.r_success:
-                    v.flags |= F_GATE_PROBE
-            else:
-                v.ready_ok = 0
-                v.probe_failures += 1
-                if v.ready_fail < 255:
-                    v.ready_fail += 1
-                if v.ready_fail >= sp.r_failure:
-                    v.flags &= ~F_GATE_PROBE
-            self._update_ready(sid, RS_PROBE_READY)
+        cdef int64_t nxt = started + sp.probe_period[probe]
+        cdef bint failed_out
+        v.flags &= ~(F_INFLIGHT << probe)
+        v.t_probe[probe] = self._arm(sid, K_PROBE + probe,
+                                     nxt if nxt > now else now)
+        if ok:
+            v.fails[probe] = 0
         else:
-            v.flags &= ~F_LIVE_INFLIGHT
-            nxt = started + sp.l_period
-            v.t_live = self._arm(sid, K_LIVENESS, nxt if nxt > now else now)
-            if ok:
-                v.live_fail = 0
-            else:
-                v.probe_failures += 1
-                if v.live_fail < 255:
-                    v.live_fail += 1
-                if v.live_fail >= sp.l_failure:
-                    self._fail_stop(sid, RS_LIVENESS_FAILED)
+            v.probe_failures += 1
+            if v.fails[probe] < 255:
+                v.fails[probe] += 1
+        failed_out = v.fails[probe] >= sp.probe_failure[probe]
+        if probe == 1:
+            if failed_out:
+                self._fail_stop(sid, RS_LIVENESS_FAILED)
+            return 0
+        # Readiness opens its gate after success_threshold passes in a row
+        # and closes it after failure_threshold failures in a row.
+        if ok:
+            if v.ready_ok < 255:
+                v.ready_ok += 1
+            if v.ready_ok >= sp.ready_success:
+                v.flags |= F_GATE_PROBE
+        else:
+            v.ready_ok = 0
+            if failed_out:
+                v.flags &= ~F_GATE_PROBE
+        self._update_ready(sid, RS_PROBE_READY)
         return 0
 
     def notify_ready(self, int32_t sid):
@@ -2194,6 +2175,8 @@ cdef class Engine:
         cdef Svc* v = &self._svcs[sid]
         cdef Spec* sp = &self._specs[v.spec]
         cdef int64_t now = self._wheel._now_ms
+        cdef int probe
+        cdef int64_t timeout
         if kind == K_BACKOFF:
             v.t_life = -1
             # BACKOFF -> STARTING: delay elapsed (WAITING if a condition
@@ -2209,28 +2192,21 @@ cdef class Engine:
         elif kind == K_WATCHDOG:
             v.t_watchdog = -1
             self._fail_stop(sid, RS_WATCHDOG)
-        elif kind == K_READINESS:
-            v.t_ready = -1
-            if v.flags & F_READY_INFLIGHT:
-                self._out.append((A_CANCEL_PROBE, sid, 0, v.ready_seq))
-                self._probe_done(sid, 0, False, deadline - sp.r_timeout)
+        elif kind == K_PROBE or kind == K_PROBE + 1:
+            probe = kind - K_PROBE
+            timeout = sp.probe_timeout[probe]
+            v.t_probe[probe] = -1
+            if v.flags & (F_INFLIGHT << probe):
+                # The run's timeout: a failure, and the run is called off.
+                self._out.append((A_CANCEL_PROBE, sid, probe, v.seq[probe]))
+                self._probe_done(sid, probe, False, deadline - timeout)
             else:
-                v.ready_seq += 1
-                v.flags |= F_READY_INFLIGHT
-                v.t_ready = self._arm(
-                    sid, K_READINESS, _run_end(deadline, now, sp.r_timeout))
-                self._out.append((A_PROBE, sid, 0, v.ready_seq))
-        elif kind == K_LIVENESS:
-            v.t_live = -1
-            if v.flags & F_LIVE_INFLIGHT:
-                self._out.append((A_CANCEL_PROBE, sid, 1, v.live_seq))
-                self._probe_done(sid, 1, False, deadline - sp.l_timeout)
-            else:
-                v.live_seq += 1
-                v.flags |= F_LIVE_INFLIGHT
-                v.t_live = self._arm(
-                    sid, K_LIVENESS, _run_end(deadline, now, sp.l_timeout))
-                self._out.append((A_PROBE, sid, 1, v.live_seq))
+                # The run is due.
+                v.seq[probe] += 1
+                v.flags |= F_INFLIGHT << probe
+                v.t_probe[probe] = self._arm(
+                    sid, kind, _run_end(deadline, now, timeout))
+                self._out.append((A_PROBE, sid, probe, v.seq[probe]))
         return 0
 
     def next_deadline(self):
@@ -2261,8 +2237,8 @@ cdef class Engine:
             pid=v.pid,
             restarts=v.restarts,
             last_exit=v.last_exit if v.flags & F_HAS_EXITED else None,
-            readiness_failures=v.ready_fail,
-            liveness_failures=v.live_fail,
+            readiness_failures=v.fails[0],
+            liveness_failures=v.fails[1],
             probe_failures_total=v.probe_failures,
             last_transition_ms=v.last_transition,
             spawned_at_ms=v.spawned_at,
@@ -2331,21 +2307,22 @@ cdef class Engine:
             counts[v.state] += 1
             if self._sid_of(self._name(s)) != s:
                 raise EngineError(f"sid {s}: name lookup is broken")
-            for t in (v.t_life, v.t_ready, v.t_live, v.t_watchdog):
+            for t in (v.t_life, v.t_probe[0], v.t_probe[1], v.t_watchdog):
                 if t >= 0:
                     timers += 1
                     if self._wheel._timers[t].slot == SLOT_NONE or (
                             self._wheel._timers[t].payload >> K_BITS) != s:
                         raise EngineError(f"sid {s}: stale timer {t}")
             if not _has_process(v.state) and v.state != ST_BACKOFF and (
-                    v.t_life >= 0 or v.t_ready >= 0 or v.t_live >= 0
+                    v.t_life >= 0 or v.t_probe[0] >= 0 or v.t_probe[1] >= 0
                     or v.t_watchdog >= 0):
                 raise EngineError(
                     f"sid {s}: timer armed in {_STATE_NAMES[v.state]}")
             if v.state == ST_BACKOFF and v.t_life < 0:
                 raise EngineError(f"sid {s}: backoff without a timer")
             if v.state == ST_STOPPING and (
-                    v.t_ready >= 0 or v.t_live >= 0 or v.t_watchdog >= 0):
+                    v.t_probe[0] >= 0 or v.t_probe[1] >= 0
+                    or v.t_watchdog >= 0):
                 raise EngineError(f"sid {s}: probes armed while stopping")
             if (_is_alive(v.state) or v.state == ST_STOPPING) and v.pid <= 0:
                 raise EngineError(f"sid {s}: alive without a pid")
