@@ -15,6 +15,7 @@ extensions = [
     Extension(
         "fastorch._core",
         ["src/fastorch/_core.pyx"],
+        depends=["src/fastorch/_wheel.pxi", "src/fastorch/_options.pxi"],
         define_macros=macros,
         extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
     ),

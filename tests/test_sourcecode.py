@@ -34,7 +34,11 @@ def test_mypy_checks_the_shell_and_the_stubs():
 
 
 def test_cython_lint_finds_nothing():
-    pyx = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.pyx"))
+    pyx = sorted(
+        str(p.relative_to(ROOT))
+        for pattern in ("*.pyx", "*.pxi")
+        for p in (ROOT / "src").rglob(pattern)
+    )
     assert pyx
     # cython-lint has no __main__: call its console entry point.
     entry = "import sys; from cython_lint.cython_lint import main; sys.exit(main())"
