@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,8 @@ def child(name: str, *args: object) -> str:
     return "[" + ", ".join(f'"{a}"' for a in argv) + "]"
 
 
-def zombies_of(pid: int) -> list[int]:
-    """Zombie children of *pid*, read from /proc."""
-    found = []
+def processes() -> Iterator[tuple[int, str, str, int]]:
+    """``(pid, comm, state, ppid)`` of every process, read from /proc."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -38,10 +38,20 @@ def zombies_of(pid: int) -> list[int]:
                 data = f.read()
         except OSError:
             continue
-        rest = data[data.rindex(b")") + 2 :].split()
-        if rest[0] == b"Z" and int(rest[1]) == pid:
-            found.append(int(entry))
-    return found
+        end = data.rindex(b")")
+        rest = data[end + 2 :].split()
+        comm = data[data.index(b"(") + 1 : end].decode(errors="replace")
+        yield int(entry), comm, rest[0].decode(), int(rest[1])
+
+
+def children_of(pid: int) -> list[int]:
+    """The children of *pid*, zombies included."""
+    return [p for p, _, _, ppid in processes() if ppid == pid]
+
+
+def zombies_of(pid: int) -> list[int]:
+    """Zombie children of *pid*, read from /proc."""
+    return [p for p, _, state, ppid in processes() if state == "Z" and ppid == pid]
 
 
 def alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ import orjson
 import pytest
 import uvloop
 
+from conftest import processes
 from fastorch import config as configmod
 from fastorch.api import ApiServer, ApiSettings, openapi_schema, serve
 from fastorch.supervisor import Supervisor
@@ -330,20 +331,8 @@ def test_concurrent_requests_on_one_service_resolve_sanely(tmp_path: Path) -> No
 
 
 def _children_named(comm: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        name = data[data.index(b"(") + 1 : data.rindex(b")")].decode()
-        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
-        if name == comm and ppid == os.getpid():
-            found.append(int(entry))
-    return found
+    me = os.getpid()
+    return [pid for pid, name, _, ppid in processes() if name == comm and ppid == me]
 
 
 # -- live configuration ----------------------------------------------------

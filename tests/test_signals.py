@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHILDREN, PY, alive
+from conftest import CHILDREN, PY, alive, children_of, zombies_of
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -104,14 +104,14 @@ command = ["sh", "-c", "{script}"]
             assert time.monotonic() < deadline
             time.sleep(0.05)
         # fastorch is the only child of unshare, and PID 1 inside.
-        inner = _children(proc.pid)
+        inner = children_of(proc.pid)
         assert len(inner) == 1
         fastorch = inner[0]
         assert _ns_pid(fastorch) == 1
         time.sleep(0.5)  # every orphan has exited by now
         deadline = time.monotonic() + 5
-        while _zombies(fastorch):
-            assert time.monotonic() < deadline, _zombies(fastorch)
+        while zombies_of(fastorch):
+            assert time.monotonic() < deadline, zombies_of(fastorch)
             time.sleep(0.05)
         os.kill(fastorch, signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
@@ -121,31 +121,6 @@ command = ["sh", "-c", "{script}"]
         )
     finally:
         finish(proc)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _zombies(pid: int) -> list[int]:
-    found = []
-    for child in _children(pid):
-        try:
-            stat = Path(f"/proc/{child}/stat").read_bytes()
-        except OSError:
-            continue
-        if stat[stat.rindex(b")") + 2 :].split()[0] == b"Z":
-            found.append(child)
-    return found
 
 
 def _ns_pid(pid: int) -> int:
