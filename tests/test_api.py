@@ -371,6 +371,14 @@ def test_put_adds_a_service_and_delete_removes_it(tmp_path: Path) -> None:
         r = await api.unix.delete("/v1/services/cache")
         assert r.status_code == 404
 
+        # web depends on db: deleting db is a conflict, and nothing changes.
+        db_pid = api.sup.service("db")["pid"]
+        r = await api.unix.delete("/v1/services/db")
+        assert r.status_code == 409, r.text
+        assert "'web'" in r.json()["error"]
+        assert api.sup.service("db")["pid"] == db_pid
+        assert not (tmp_path / "fleet.d" / "db.deleted").exists()
+
     run(tmp_path, FLEET, body)
 
 

@@ -955,6 +955,22 @@ class Supervisor:
         """Stop the service (its instances too), then remove it for good."""
         if name not in self.config.groups:
             raise UnknownServiceError(f"unknown service {name!r}")
+        members = set(self.config.groups[name])
+        needed_by = sorted(
+            {
+                svc.group_name
+                for svc in self.config.services.values()
+                if svc.name not in members
+                and any(dep in members for dep, _ in svc.depends_on)
+            }
+        )
+        if needed_by:
+            # Removing it would leave them depending on nothing that exists.
+            raise EngineError(
+                f"service {name!r} is needed by "
+                + ", ".join(repr(n) for n in needed_by)
+                + ": change or delete them first"
+            )
         new = replace_service(self.config, name, None)
         self.drop_in_dir.mkdir(parents=True, exist_ok=True)
         (self.drop_in_dir / f"{name}.toml").unlink(missing_ok=True)
