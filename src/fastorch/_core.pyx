@@ -1146,10 +1146,10 @@ cdef class Engine:
                 out.append(s)
         return out
 
-    cdef list _closure(self, object sids, bint dependents, bint ordered):
-        """The given sids and everything reachable from them through
-        dependents (or dependencies); sorted into stop (or start) order
-        by topological level when ``ordered``, an O(n) extra."""
+    cdef list _dependents_closure(self, object sids, bint ordered):
+        """The given sids and everything that transitively depends on them;
+        when ``ordered``, in stop order (every service before its
+        dependencies, by topological level: an O(n) extra)."""
         cdef uint32_t epoch = self._next_epoch()
         cdef list stack = []
         cdef list found = []
@@ -1162,31 +1162,19 @@ cdef class Engine:
         while stack:
             x = stack.pop()
             found.append(x)
-            if dependents:
-                e = self._svcs[x].rdeps
-                while e >= 0:
-                    y = self._edges[e].owner
-                    if self._mark[y] != epoch:
-                        self._mark[y] = epoch
-                        stack.append(y)
-                    e = self._edges[e].next_rdep
-            else:
-                e = self._svcs[x].deps
-                while e >= 0:
-                    y = self._edges[e].dep
-                    if self._mark[y] != epoch:
-                        self._mark[y] = epoch
-                        stack.append(y)
-                    e = self._edges[e].next_dep
+            e = self._svcs[x].rdeps
+            while e >= 0:
+                y = self._edges[e].owner
+                if self._mark[y] != epoch:
+                    self._mark[y] = epoch
+                    stack.append(y)
+                e = self._edges[e].next_rdep
         if not ordered:
             return found
         cdef int32_t* level = self._levels_array()
         cdef list keyed
         try:
-            if dependents:
-                keyed = [(-level[<int32_t>x], x) for x in found]
-            else:
-                keyed = [(level[<int32_t>x], x) for x in found]
+            keyed = [(-level[<int32_t>x], x) for x in found]
         finally:
             PyMem_Free(level)
         keyed.sort()
@@ -1235,11 +1223,11 @@ cdef class Engine:
         before its dependencies. None means every service."""
         if sids is None:
             sids = self.sids()
-        return self._closure(sids, True, True)
+        return self._dependents_closure(sids, True)
 
     def affected(self, int32_t sid):
         """Transitive dependents of ``sid``, in stop order."""
-        cdef list order = self._closure((sid,), True, True)
+        cdef list order = self._dependents_closure((sid,), True)
         order.remove(sid)
         return order
 
@@ -1501,7 +1489,7 @@ cdef class Engine:
         cdef int32_t x
         cdef Svc* v
         cdef uint8_t st
-        cdef list order = self._closure(sids, True, False)
+        cdef list order = self._dependents_closure(sids, False)
         cdef set named = set(sids)
         self._out = []
         for x in order:

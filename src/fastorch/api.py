@@ -657,30 +657,28 @@ def read_token(path: str) -> bytes:
     return token
 
 
-def _resolve_user(value: str | int | None) -> int:
+def _resolve_id(
+    value: str | int | None, lookup: Callable[[str], Any], key: str, what: str
+) -> int:
+    """A uid or gid from a number or a name; -1 (unchanged) for None."""
     if value is None:
         return -1
     if isinstance(value, int) or value.isdigit():
         return int(value)
     try:
-        return pwd.getpwnam(value).pw_uid
+        return int(lookup(value)[2])  # pw_uid / gr_gid
     except KeyError:
         raise ConfigError(
-            [("supervisor.api_socket_owner", f"unknown user {value!r}")]
+            [(f"supervisor.{key}", f"unknown {what} {value!r}")]
         ) from None
+
+
+def _resolve_user(value: str | int | None) -> int:
+    return _resolve_id(value, pwd.getpwnam, "api_socket_owner", "user")
 
 
 def _resolve_group(value: str | int | None) -> int:
-    if value is None:
-        return -1
-    if isinstance(value, int) or value.isdigit():
-        return int(value)
-    try:
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        raise ConfigError(
-            [("supervisor.api_socket_group", f"unknown group {value!r}")]
-        ) from None
+    return _resolve_id(value, grp.getgrnam, "api_socket_group", "group")
 
 
 def bind_unix(
